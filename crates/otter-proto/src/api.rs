@@ -1,0 +1,228 @@
+//! JSON shapes of the operator REST API (`/api/v1/...`) and the error body
+//! shared with the device HTTPS endpoint. The server serialises them, the CLI
+//! deserialises them; `--json` output of the CLI is these shapes verbatim.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::deployment::Phase;
+use crate::manifest::{PackageKind, SignedManifest};
+use crate::messages::Mode;
+use crate::topics::DeviceId;
+
+/// Every error answer: `{ "error": code, "message": text }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+}
+
+/// `POST /api/v1/devices`: issue a certificate for a new device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub device_id: DeviceId,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    pub hardware: String,
+}
+
+/// What a device needs to run: its identity, whom to trust, where to connect.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub device_id: DeviceId,
+    pub certificate_pem: String,
+    pub private_key_pem: String,
+    /// The CA that issued the server's certificates (and the device's).
+    pub ca_pem: String,
+    /// PEM public keys of the package signers the server trusts.
+    pub trusted_signers: Vec<String>,
+    /// `mqtts://host:port` of the broker.
+    pub mqtt_url: String,
+    /// `https://host:port` of the device endpoint.
+    pub device_url: String,
+}
+
+/// A device as the server knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    pub device_id: DeviceId,
+    pub hardware: String,
+    pub tags: Vec<String>,
+    /// Set from the last registration; `None` before the first one.
+    pub mode: Option<Mode>,
+    pub agent_version: Option<String>,
+    pub installed: BTreeMap<String, semver::Version>,
+    pub capabilities: Vec<String>,
+    /// RFC 3339 time of enrolment.
+    pub enrolled_at: String,
+    /// RFC 3339 time of the last registration, if any.
+    pub registered_at: Option<String>,
+    /// RFC 3339 time of the last message from the device, if any.
+    pub last_seen: Option<String>,
+}
+
+/// A stored release.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    /// `name@version`.
+    pub id: String,
+    pub name: String,
+    pub version: semver::Version,
+    pub kind: PackageKind,
+    pub hardware: Vec<String>,
+    pub payload_size: u64,
+    pub artifact_size: u64,
+    pub payload_sha256: String,
+    /// The signed manifest, exactly as the publisher signed it.
+    pub manifest: SignedManifest,
+    pub uploaded_at: String,
+    pub uploaded_by: String,
+}
+
+/// Whom a deployment targets.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Target {
+    All,
+    Fleet(String),
+    Device(DeviceId),
+}
+
+impl Target {
+    pub fn parse(s: &str) -> Result<Target, String> {
+        if s == "all" {
+            return Ok(Target::All);
+        }
+        if let Some(tag) = s.strip_prefix("fleet:") {
+            crate::manifest::validate_name(tag).map_err(|e| format!("invalid fleet tag: {e}"))?;
+            return Ok(Target::Fleet(tag.to_owned()));
+        }
+        if let Some(id) = s.strip_prefix("device:") {
+            return DeviceId::parse(id)
+                .map(Target::Device)
+                .map_err(|e| e.to_string());
+        }
+        Err(format!(
+            "invalid target {s:?} (expected all, fleet:TAG or device:ID)"
+        ))
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::All => f.write_str("all"),
+            Target::Fleet(tag) => write!(f, "fleet:{tag}"),
+            Target::Device(id) => write!(f, "device:{id}"),
+        }
+    }
+}
+
+/// `POST /api/v1/deployments`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateDeployment {
+    /// `name@version`.
+    pub release: String,
+    /// `all`, `fleet:TAG` or `device:ID`.
+    pub target: String,
+}
+
+/// A deployment and how many of its devices are in each phase.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentInfo {
+    pub deployment_id: String,
+    pub release: String,
+    pub target: String,
+    pub created_at: String,
+    pub created_by: String,
+    /// Number of targeted devices.
+    pub devices: u64,
+    /// Devices per phase; phases with no device are omitted.
+    pub phases: BTreeMap<Phase, u64>,
+    /// True when every targeted device reached a terminal phase.
+    pub complete: bool,
+}
+
+/// One device's place in a deployment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentDevice {
+    pub device_id: DeviceId,
+    pub phase: Phase,
+    pub updated_at: String,
+    /// Reason of a failure or rollback.
+    pub detail: Option<String>,
+}
+
+/// `GET /api/v1/deployments/{id}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeploymentStatus {
+    #[serde(flatten)]
+    pub info: DeploymentInfo,
+    pub targets: Vec<DeploymentDevice>,
+}
+
+/// Who did something recorded in the audit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActorKind {
+    Operator,
+    Device,
+    Server,
+}
+
+/// One audit row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// Position in the log, strictly increasing.
+    pub seq: i64,
+    /// RFC 3339 time with milliseconds.
+    pub at: String,
+    pub actor_kind: ActorKind,
+    /// Token name, device id or `server`.
+    pub actor: String,
+    pub device_id: Option<String>,
+    pub deployment_id: Option<String>,
+    /// Event name, e.g. `deployment.created`, `link.created`, `device.downloaded`.
+    pub event: String,
+    pub details: serde_json::Value,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets() {
+        assert_eq!(Target::parse("all"), Ok(Target::All));
+        assert_eq!(
+            Target::parse("fleet:line-2"),
+            Ok(Target::Fleet("line-2".into()))
+        );
+        assert_eq!(
+            Target::parse("device:d1").map(|t| t.to_string()),
+            Ok("device:d1".into())
+        );
+        for bad in ["", "fleet:", "device:a/b", "tag:x", "ALL"] {
+            assert!(Target::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn phases_are_map_keys() {
+        let info = DeploymentInfo {
+            deployment_id: "d".into(),
+            release: "a@1.0.0".into(),
+            target: "all".into(),
+            created_at: String::new(),
+            created_by: "admin".into(),
+            devices: 2,
+            phases: [(Phase::Installed, 2)].into(),
+            complete: true,
+        };
+        let json = serde_json::to_string(&info).unwrap();
+        assert!(json.contains(r#""phases":{"installed":2}"#), "{json}");
+        assert_eq!(serde_json::from_str::<DeploymentInfo>(&json).unwrap(), info);
+    }
+}

@@ -1,0 +1,299 @@
+//! The agent's update job: one deployment on one device, from notification
+//! to report, as a state machine the agent persists after every step.
+//!
+//! The agent shell performs the I/O (download, unpack, probe, install) and
+//! feeds the result back with [`Job::advance`]; this module decides what the
+//! next step is, what to report, and whether a new notification starts a
+//! job, refreshes a link, or only repeats an old answer.
+
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::Manifest;
+use crate::messages::{DeviceEvent, StatusReport, UpdateNotification};
+
+/// Where a job stands. Persisted by the agent, so a restart resumes here.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "stage", rename_all = "kebab-case")]
+pub enum Stage {
+    /// Notification accepted; the download (possibly partial) is under way.
+    Received,
+    /// Payload verified and unpacked in the landing zone.
+    Downloaded,
+    /// Safe state reached; the installer was started. A restart here runs the
+    /// installer again: handlers are atomic, so a repeated install is safe,
+    /// while a skipped one would leave the device without the update.
+    Installing,
+    /// Nothing more to do but make sure the server heard the outcome.
+    Finished {
+        event: DeviceEvent,
+        detail: Option<String>,
+    },
+}
+
+/// What the shell must do next for a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Download (resuming) and verify into the landing zone.
+    Download,
+    /// Wait for a safe state, then install.
+    Install,
+    /// Nothing left to do.
+    Idle,
+}
+
+/// One deployment on this device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub notification: UpdateNotification,
+    #[serde(flatten)]
+    pub stage: Stage,
+}
+
+/// The result of a step performed by the shell.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StepResult {
+    Downloaded,
+    InstallStarted,
+    Installed,
+    Failed(String),
+    RolledBack(String),
+}
+
+/// What to do with an incoming notification.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Start a new job for it (replacing a job that has not begun installing).
+    Start,
+    /// Same deployment, still downloading: take the new link and expiry.
+    RefreshLink,
+    /// Same deployment, already past the download: repeat our last report.
+    Repeat(StatusReport),
+    /// This exact version is installed already: report it without installing.
+    AlreadyInstalled,
+    /// Refuse it; the reason is reported as a failure of that deployment.
+    Refuse(String),
+    /// Drop it silently (a busy installer; the server re-sends on registration).
+    Defer,
+}
+
+impl Job {
+    pub fn new(notification: UpdateNotification) -> Self {
+        Job {
+            notification,
+            stage: Stage::Received,
+        }
+    }
+
+    pub fn next_action(&self) -> Action {
+        match self.stage {
+            Stage::Received => Action::Download,
+            Stage::Downloaded | Stage::Installing => Action::Install,
+            Stage::Finished { .. } => Action::Idle,
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        matches!(self.stage, Stage::Finished { .. })
+    }
+
+    /// Applies a step's result and returns the report to send.
+    pub fn advance(&mut self, result: StepResult) -> StatusReport {
+        let (stage, event, detail) = match result {
+            StepResult::Downloaded => (Stage::Downloaded, DeviceEvent::Downloaded, None),
+            StepResult::InstallStarted => (Stage::Installing, DeviceEvent::Installing, None),
+            StepResult::Installed => finished(DeviceEvent::Installed, None),
+            StepResult::Failed(reason) => finished(DeviceEvent::Failed, Some(reason)),
+            StepResult::RolledBack(reason) => finished(DeviceEvent::RolledBack, Some(reason)),
+        };
+        self.stage = stage;
+        self.report(event, detail)
+    }
+
+    /// The report matching the current stage, to repeat after a reconnect.
+    pub fn last_report(&self) -> StatusReport {
+        match &self.stage {
+            Stage::Received => self.report(DeviceEvent::Received, None),
+            Stage::Downloaded => self.report(DeviceEvent::Downloaded, None),
+            Stage::Installing => self.report(DeviceEvent::Installing, None),
+            Stage::Finished { event, detail } => self.report(*event, detail.clone()),
+        }
+    }
+
+    pub fn report(&self, event: DeviceEvent, detail: Option<String>) -> StatusReport {
+        StatusReport {
+            deployment_id: self.notification.deployment_id.clone(),
+            event,
+            detail,
+        }
+    }
+}
+
+fn finished(event: DeviceEvent, detail: Option<String>) -> (Stage, DeviceEvent, Option<String>) {
+    (
+        Stage::Finished {
+            event,
+            detail: detail.clone(),
+        },
+        event,
+        detail,
+    )
+}
+
+/// Decides what an incoming, signature-checked notification means.
+///
+/// `manifest` is the verified manifest of `incoming`; `installed` is the
+/// version of that package on the device now; `hardware` the device's model.
+pub fn decide(
+    current: Option<&Job>,
+    incoming: &UpdateNotification,
+    manifest: &Manifest,
+    installed: Option<&semver::Version>,
+    hardware: &str,
+) -> Decision {
+    if let Some(job) = current
+        && job.notification.deployment_id == incoming.deployment_id
+    {
+        return match job.stage {
+            Stage::Received => Decision::RefreshLink,
+            _ => Decision::Repeat(job.last_report()),
+        };
+    }
+    if let Some(job) = current
+        && matches!(job.stage, Stage::Installing)
+    {
+        return Decision::Defer;
+    }
+    if !manifest.fits_hardware(hardware) {
+        return Decision::Refuse(format!(
+            "package {} is for hardware {:?}, this device is {hardware:?}",
+            manifest.release_id(),
+            manifest.hardware
+        ));
+    }
+    if installed == Some(&manifest.version) {
+        return Decision::AlreadyInstalled;
+    }
+    Decision::Start
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::SignedManifest;
+
+    fn notification(deployment: &str) -> UpdateNotification {
+        UpdateNotification {
+            deployment_id: deployment.into(),
+            release: "sensor-fw@1.2.3".into(),
+            manifest: SignedManifest {
+                manifest: String::new(),
+                signer: String::new(),
+                signature: String::new(),
+            },
+            link: "https://127.0.0.1:8443/v1/download/x".into(),
+            link_expires_at: 100,
+            data_key: String::new(),
+        }
+    }
+
+    fn job(deployment: &str, stage: Stage) -> Job {
+        Job {
+            notification: notification(deployment),
+            stage,
+        }
+    }
+
+    #[test]
+    fn decisions() {
+        let m = crate::manifest::tests::sample(); // sensor-fw 1.2.3 for revB
+        let v1 = semver::Version::new(1, 0, 0);
+        let same = m.version.clone();
+        let done = Stage::Finished {
+            event: DeviceEvent::Installed,
+            detail: None,
+        };
+        let cases: Vec<(Option<Job>, Option<&semver::Version>, &str, Decision)> = vec![
+            (None, None, "revB", Decision::Start),
+            (None, Some(&v1), "revB", Decision::Start),
+            (None, Some(&same), "revB", Decision::AlreadyInstalled),
+            (None, None, "revA", Decision::Refuse(String::new())),
+            (
+                Some(job("d1", Stage::Received)),
+                None,
+                "revB",
+                Decision::RefreshLink,
+            ),
+            (
+                Some(job("d1", Stage::Downloaded)),
+                None,
+                "revB",
+                Decision::Repeat(job("d1", Stage::Downloaded).last_report()),
+            ),
+            (
+                Some(job("d1", done.clone())),
+                Some(&same),
+                "revB",
+                Decision::Repeat(job("d1", done.clone()).last_report()),
+            ),
+            (
+                Some(job("d0", Stage::Installing)),
+                None,
+                "revB",
+                Decision::Defer,
+            ),
+            (
+                Some(job("d0", Stage::Downloaded)),
+                None,
+                "revB",
+                Decision::Start,
+            ),
+            (Some(job("d0", done)), None, "revB", Decision::Start),
+        ];
+        for (current, installed, hardware, expected) in cases {
+            let got = decide(
+                current.as_ref(),
+                &notification("d1"),
+                &m,
+                installed,
+                hardware,
+            );
+            match (&got, &expected) {
+                (Decision::Refuse(reason), Decision::Refuse(_)) => assert!(reason.contains("revA")),
+                _ => assert_eq!(got, expected, "{current:?} {installed:?} {hardware}"),
+            }
+        }
+    }
+
+    #[test]
+    fn steps_and_reports() {
+        let mut j = Job::new(notification("d1"));
+        assert_eq!(j.next_action(), Action::Download);
+        assert_eq!(j.last_report().event, DeviceEvent::Received);
+        assert_eq!(
+            j.advance(StepResult::Downloaded).event,
+            DeviceEvent::Downloaded
+        );
+        assert_eq!(j.next_action(), Action::Install);
+        assert_eq!(
+            j.advance(StepResult::InstallStarted).event,
+            DeviceEvent::Installing
+        );
+        assert_eq!(j.next_action(), Action::Install);
+        let r = j.advance(StepResult::Failed("disk full".into()));
+        assert_eq!(
+            (r.event, r.detail.as_deref()),
+            (DeviceEvent::Failed, Some("disk full"))
+        );
+        assert!(j.is_finished());
+        assert_eq!(j.next_action(), Action::Idle);
+        assert_eq!(j.last_report(), r);
+    }
+
+    #[test]
+    fn job_persists_as_json() {
+        let mut j = Job::new(notification("d1"));
+        j.advance(StepResult::RolledBack("health check".into()));
+        let text = serde_json::to_string(&j).unwrap();
+        assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), j);
+    }
+}
