@@ -1,0 +1,420 @@
+//! What each command does. Offline commands (`keys`, `package`) use
+//! `otter-package` directly; the others go through [`ApiClient`].
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use otter_proto::api::{
+    AuditEntry, CreateDeployment, DeploymentInfo, DeploymentStatus, DeviceInfo, EnrollRequest, EnrollResponse,
+    ReleaseInfo, Target,
+};
+use otter_proto::topics::DeviceId;
+
+use crate::cli::{
+    AuditCommand, Cli, Command, DeployCommand, DeviceCommand, DevicesCommand, KeysCommand, PackageCommand,
+    ReleaseCommand,
+};
+use crate::client::ApiClient;
+use crate::output;
+
+pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Keys(KeysCommand::Generate { out }) => {
+            let key = otter_package::keys::generate_key_pair(&out)
+                .with_context(|| format!("cannot create the key pair {}", out.display()))?;
+            println!("wrote {} and {}.pub", out.display(), out.display());
+            println!("key id {}", otter_package::keys::key_id(&key));
+        }
+        Command::Package(command) => package(command)?,
+        command => return remote(&ApiClient::new(&cli.global)?, command).await,
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn package(command: PackageCommand) -> anyhow::Result<()> {
+    match command {
+        PackageCommand::Build { key, name, version, kind, hardware, level, out, input } => {
+            let signing_key = otter_package::keys::read_signing_key(&key)
+                .with_context(|| format!("cannot read the signing key {}", key.display()))?;
+            let mut source =
+                fs::File::open(&input).with_context(|| format!("cannot open the input {}", input.display()))?;
+            let options = otter_package::format::BuildOptions {
+                name,
+                version,
+                kind,
+                hardware,
+                zstd_level: level,
+                chunk_size: 64 * 1024,
+            };
+            // Write next to the destination and rename, so a failed build
+            // never leaves a half-written package under the final name.
+            let folder = parent_folder(&out);
+            let mut temporary = tempfile::NamedTempFile::new_in(folder)
+                .with_context(|| format!("cannot write in {}", folder.display()))?;
+            let signed =
+                otter_package::format::build_package(&mut source, temporary.as_file_mut(), &signing_key, &options, folder)
+                    .context("cannot build the package")?;
+            temporary.as_file_mut().sync_all()?;
+            temporary
+                .persist(&out)
+                .with_context(|| format!("cannot write {}", out.display()))?;
+            let manifest = otter_proto::manifest::Manifest::from_json(&signed.manifest)?;
+            println!(
+                "built {} ({} {}, payload {} bytes, artifact {} bytes) -> {}",
+                manifest.release_id(),
+                manifest.kind.as_str(),
+                manifest.hardware.join(","),
+                manifest.payload.size,
+                manifest.artifact.size,
+                out.display()
+            );
+        }
+        PackageCommand::Inspect { trusted_signers, json, package } => {
+            let mut file =
+                fs::File::open(&package).with_context(|| format!("cannot open {}", package.display()))?;
+            let header = otter_package::format::read_header(&mut file)
+                .with_context(|| format!("{} is not an Otter package", package.display()))?;
+            let manifest = if trusted_signers.is_empty() {
+                otter_proto::manifest::Manifest::from_json(&header.signed_manifest.manifest)?
+            } else {
+                let keys = trusted_signers
+                    .iter()
+                    .map(|path| {
+                        otter_package::keys::read_verifying_key(path)
+                            .with_context(|| format!("cannot read {}", path.display()))
+                    })
+                    .collect::<anyhow::Result<Vec<_>>>()?;
+                let opened = otter_package::format::open_package(&package, &keys)
+                    .context("the package does not verify")?;
+                opened.manifest
+            };
+            if json {
+                output::json(&serde_json::json!({
+                    "manifest": manifest,
+                    "signer": header.signed_manifest.signer,
+                    "verified": !trusted_signers.is_empty(),
+                }))?;
+            } else {
+                println!("release     {}", manifest.release_id());
+                println!("kind        {}", manifest.kind.as_str());
+                println!("hardware    {}", manifest.hardware.join(","));
+                println!("payload     {} bytes, sha256 {}", manifest.payload.size, manifest.payload.sha256);
+                println!("artifact    {} bytes, sha256 {}", manifest.artifact.size, manifest.artifact.sha256);
+                println!("signer      {}", header.signed_manifest.signer);
+                let verdict = if trusted_signers.is_empty() { "not checked (no --trusted-signer)" } else { "valid" };
+                println!("signature   {verdict}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Release(ReleaseCommand::Upload { package }) => {
+            let release: ReleaseInfo = client.post_file("/api/v1/releases", &package).await?;
+            println!("{}", release.id);
+        }
+        Command::Release(ReleaseCommand::List { json }) => {
+            let releases: Vec<ReleaseInfo> = client.get("/api/v1/releases").await?;
+            if json {
+                output::json(&releases)?;
+            } else {
+                let rows = releases
+                    .iter()
+                    .map(|r| {
+                        vec![
+                            r.id.clone(),
+                            r.kind.as_str().to_owned(),
+                            r.hardware.join(","),
+                            r.payload_size.to_string(),
+                            r.uploaded_at.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(&["RELEASE", "KIND", "HARDWARE", "SIZE", "UPLOADED"], &rows);
+            }
+        }
+        Command::Device(DeviceCommand::Enroll { id, tags, hardware, out }) => enroll(client, &id, tags, hardware, &out).await?,
+        Command::Devices(DevicesCommand::List { tag, json }) => {
+            let path = match &tag {
+                Some(tag) => format!("/api/v1/devices?tag={}", query_value(tag)?),
+                None => "/api/v1/devices".to_owned(),
+            };
+            let devices: Vec<DeviceInfo> = client.get(&path).await?;
+            if json {
+                output::json(&devices)?;
+            } else {
+                let rows = devices
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.device_id.to_string(),
+                            d.hardware.clone(),
+                            d.tags.join(","),
+                            d.mode.map(|m| m.as_str()).unwrap_or("-").to_owned(),
+                            installed_summary(&d.installed),
+                            output::or_dash(d.last_seen.as_deref()),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(&["DEVICE", "HARDWARE", "TAGS", "MODE", "INSTALLED", "LAST SEEN"], &rows);
+            }
+        }
+        Command::Deploy(DeployCommand::Create { release, target }) => {
+            otter_proto::manifest::parse_release_id(&release).map_err(anyhow::Error::msg)?;
+            Target::parse(&target).map_err(anyhow::Error::msg)?;
+            let info: DeploymentInfo =
+                client.post_json("/api/v1/deployments", &CreateDeployment { release, target }).await?;
+            println!("{}", info.deployment_id);
+        }
+        Command::Deploy(DeployCommand::Status { id, watch, timeout, json }) => {
+            return deploy_status(client, &id, watch, timeout.into(), json).await;
+        }
+        Command::Deploy(DeployCommand::List { json }) => {
+            let deployments: Vec<DeploymentInfo> = client.get("/api/v1/deployments").await?;
+            if json {
+                output::json(&deployments)?;
+            } else {
+                let rows = deployments
+                    .iter()
+                    .map(|d| {
+                        vec![
+                            d.deployment_id.clone(),
+                            d.release.clone(),
+                            d.target.clone(),
+                            d.devices.to_string(),
+                            phase_summary(d),
+                            d.created_at.clone(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(&["DEPLOYMENT", "RELEASE", "TARGET", "DEVICES", "PHASES", "CREATED"], &rows);
+            }
+        }
+        Command::Audit(AuditCommand::List { device, deployment, limit, json }) => {
+            let mut path = format!("/api/v1/audit?limit={limit}");
+            if let Some(device) = &device {
+                path.push_str(&format!("&device={}", query_value(device)?));
+            }
+            if let Some(deployment) = &deployment {
+                path.push_str(&format!("&deployment={}", query_value(deployment)?));
+            }
+            let entries: Vec<AuditEntry> = client.get(&path).await?;
+            if json {
+                output::json(&entries)?;
+            } else {
+                let rows = entries
+                    .iter()
+                    .map(|e| {
+                        vec![
+                            e.seq.to_string(),
+                            e.at.clone(),
+                            e.actor.clone(),
+                            output::or_dash(e.device_id.as_deref()),
+                            output::or_dash(e.deployment_id.as_deref()),
+                            e.event.clone(),
+                            if e.details.is_null() { String::new() } else { e.details.to_string() },
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(&["SEQ", "AT", "ACTOR", "DEVICE", "DEPLOYMENT", "EVENT", "DETAILS"], &rows);
+            }
+        }
+        Command::Keys(_) | Command::Package(_) => unreachable!("offline commands are handled in run"),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Ids and tags only contain URL-safe characters once validated, so no
+/// percent-encoding is needed; anything else is refused here.
+fn query_value(value: &str) -> anyhow::Result<&str> {
+    otter_proto::manifest::validate_name(value).map_err(anyhow::Error::msg)?;
+    Ok(value)
+}
+
+async fn deploy_status(
+    client: &ApiClient,
+    id: &str,
+    watch: bool,
+    timeout: Duration,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let path = format!("/api/v1/deployments/{}", query_value(id)?);
+    let started = Instant::now();
+    let mut last_summary = String::new();
+    let status = loop {
+        let status: DeploymentStatus = client.get(&path).await?;
+        if !watch || status.info.complete {
+            break status;
+        }
+        let summary = phase_summary(&status.info);
+        if summary != last_summary && !json {
+            println!("{:>6.1}s  {summary}", started.elapsed().as_secs_f64());
+            std::io::stdout().flush()?;
+            last_summary = summary;
+        }
+        if started.elapsed() > timeout {
+            bail!("deployment {id} not complete after {}", humantime::format_duration(timeout));
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    };
+    if json {
+        output::json(&status)?;
+    } else {
+        let info = &status.info;
+        println!("deployment  {}", info.deployment_id);
+        println!("release     {}", info.release);
+        println!("target      {} ({} devices)", info.target, info.devices);
+        println!("phases      {}", phase_summary(info));
+        println!("complete    {}", if info.complete { "yes" } else { "no" });
+        println!();
+        let rows = status
+            .targets
+            .iter()
+            .map(|t| {
+                vec![
+                    t.device_id.to_string(),
+                    t.phase.as_str().to_owned(),
+                    t.updated_at.clone(),
+                    output::or_dash(t.detail.as_deref()),
+                ]
+            })
+            .collect::<Vec<_>>();
+        output::table(&["DEVICE", "PHASE", "UPDATED", "DETAIL"], &rows);
+    }
+    let failed = status.targets.iter().filter(|t| !matches!(t.phase, otter_proto::deployment::Phase::Installed) && t.phase.is_terminal()).count();
+    if watch && failed > 0 {
+        eprintln!("error: {failed} device(s) did not install the release");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn phase_summary(info: &DeploymentInfo) -> String {
+    if info.phases.is_empty() {
+        return "no devices".to_owned();
+    }
+    info.phases
+        .iter()
+        .map(|(phase, count)| format!("{} {count}", phase.as_str()))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn installed_summary(installed: &BTreeMap<String, semver::Version>) -> String {
+    if installed.is_empty() {
+        return "-".to_owned();
+    }
+    installed.iter().map(|(name, version)| format!("{name}@{version}")).collect::<Vec<_>>().join(",")
+}
+
+fn parent_folder(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+async fn enroll(
+    client: &ApiClient,
+    id: &str,
+    tags: Vec<String>,
+    hardware: String,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let device_id = DeviceId::parse(id).with_context(|| format!("invalid device id {id:?}"))?;
+    for tag in &tags {
+        otter_proto::manifest::validate_name(tag).map_err(|e| anyhow::anyhow!("invalid tag {tag:?}: {e}"))?;
+    }
+    otter_proto::manifest::validate_name(&hardware).map_err(|e| anyhow::anyhow!("invalid hardware {hardware:?}: {e}"))?;
+    // Refuse before asking the server for a certificate: a bundle folder that
+    // already holds a key belongs to another enrolment.
+    if out.join("device.key").exists() || out.join("agent.toml").exists() {
+        bail!("{} already holds a device bundle; choose another --out", out.display());
+    }
+    let request = EnrollRequest { device_id, tags, hardware: hardware.clone() };
+    let enrolled: EnrollResponse = client.post_json("/api/v1/devices", &request).await?;
+    write_bundle(out, &enrolled, &hardware)
+        .with_context(|| format!("cannot write the agent bundle to {}", out.display()))?;
+    println!("enrolled {} -> {}", enrolled.device_id, out.display());
+    println!("run it with: otter-agent --config {}", out.join("agent.toml").display());
+    Ok(())
+}
+
+/// Writes the agent bundle: identity, trust anchors and a ready `agent.toml`
+/// whose state, landing zone and install target live inside the folder.
+pub fn write_bundle(out: &Path, enrolled: &EnrollResponse, hardware: &str) -> anyhow::Result<()> {
+    fs::create_dir_all(out.join("signers"))?;
+    fs::create_dir_all(out.join("installed"))?;
+    write_private(&out.join("device.key"), enrolled.private_key_pem.as_bytes())?;
+    fs::write(out.join("device.crt"), &enrolled.certificate_pem)?;
+    fs::write(out.join("ca.crt"), &enrolled.ca_pem)?;
+    let mut signer_files = Vec::new();
+    for (index, pem) in enrolled.trusted_signers.iter().enumerate() {
+        let name = format!("signers/signer-{}.pub", index + 1);
+        fs::write(out.join(&name), pem)?;
+        signer_files.push(name);
+    }
+    let signers = signer_files.iter().map(|s| toml_string(s)).collect::<Vec<_>>().join(", ");
+    let config = format!(
+        r#"# Otter agent configuration, written by `otter device enroll`.
+# Relative paths are relative to this file's folder.
+device_id = {id}
+hardware = {hardware}
+mode = "push-pull"
+mqtt_url = {mqtt}
+device_url = {device}
+ca = "ca.crt"
+certificate = "device.crt"
+private_key = "device.key"
+trusted_signers = [{signers}]
+state_dir = "state"
+landing_zone = "landing"
+
+[safe_state]
+# A command whose exit status 0 means "safe to install now"; empty = always safe.
+command = []
+initial_backoff = "1s"
+max_backoff = "60s"
+deadline = "24h"
+
+[install]
+# "file": the payload replaces installed/<package name> atomically (previous kept).
+handler = "file"
+target_dir = "installed"
+command = []
+timeout = "10m"
+
+[download]
+max_attempts = 8
+initial_backoff = "1s"
+max_backoff = "60s"
+"#,
+        id = toml_string(enrolled.device_id.as_str()),
+        hardware = toml_string(hardware),
+        mqtt = toml_string(&enrolled.mqtt_url),
+        device = toml_string(&enrolled.device_url),
+    );
+    fs::write(out.join("agent.toml"), config)?;
+    Ok(())
+}
+
+fn toml_string(value: &str) -> String {
+    // serde_json's string escaping is valid TOML basic-string escaping for
+    // the characters that can occur here.
+    serde_json::to_string(value).unwrap_or_default()
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
