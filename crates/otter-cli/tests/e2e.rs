@@ -253,3 +253,85 @@ fn foreign_identity() -> String {
     let _ = ca;
     format!("{}{}", cert.pem(), key.serialize_pem())
 }
+
+fn count(audit: &[AuditEntry], event: &str) -> usize {
+    audit.iter().filter(|e| e.event == event).count()
+}
+
+/// An agent killed while it waits for a safe state resumes from its landing
+/// zone after a restart: it neither downloads again nor installs twice.
+#[test]
+fn agent_restart_resumes_without_repeating_steps() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    let key = root.join("signing.key");
+    assert!(otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()]).status.success());
+    let mut server = Server::start(root, &[&root.join("signing.key.pub")]);
+
+    let dir = root.join("dev-r");
+    server.otter_ok(&["device", "enroll", "dev-r", "--hardware", "revB", "--out", dir.to_str().unwrap()]);
+    // The device is "busy" until the file `safe` exists.
+    let safe_flag = root.join("safe");
+    let config_path = dir.join("agent.toml");
+    let config = fs::read_to_string(&config_path).unwrap();
+    let probe = format!("command = [\"test\", \"-f\", {:?}]", safe_flag.to_str().unwrap());
+    let config = config
+        .replacen("command = []", &probe, 1)
+        .replace("initial_backoff = \"1s\"\nmax_backoff = \"60s\"\ndeadline", "initial_backoff = \"100ms\"\nmax_backoff = \"300ms\"\ndeadline");
+    assert!(config.contains(&probe), "probe not set in {config}");
+    fs::write(&config_path, config).unwrap();
+    let start_agent = || Process::spawn("dev-r", Command::new(binary("otter-agent")).arg("--config").arg(&config_path), root);
+
+    let mut agent = start_agent();
+    wait_for("dev-r to register", WAIT, || {
+        let devices: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
+        devices.iter().any(|d| d.mode.is_some()).then_some(())
+    });
+    let content = payload(2 << 20, 11);
+    let package = build_package(root, &key, "1.0.0", &content);
+    server.otter_ok(&["release", "upload", package.to_str().unwrap()]);
+    let deployment =
+        server.otter_ok(&["deploy", "create", "--release", "sensor-fw@1.0.0", "--target", "device:dev-r"]).trim().to_owned();
+    wait_for("dev-r to download", WAIT, || {
+        let status: DeploymentStatus = server.otter_json(&["deploy", "status", &deployment]);
+        (status.targets[0].phase == Phase::Downloaded).then_some(())
+    });
+
+    // Killed without warning while waiting for the safe state.
+    drop(agent);
+    assert!(!dir.join("installed/sensor-fw").exists());
+    let registrations_before = {
+        let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r"]);
+        count(&audit, "device.registered")
+    };
+    agent = start_agent();
+    wait_for("dev-r to register again", WAIT, || {
+        let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r"]);
+        (count(&audit, "device.registered") > registrations_before).then_some(())
+    });
+    fs::write(&safe_flag, b"").unwrap();
+    let status = wait_deployment_complete(&server, &deployment);
+    assert_eq!(status.targets[0].phase, Phase::Installed, "{status:?}");
+    assert!(fs::read(dir.join("installed/sensor-fw")).unwrap() == content);
+
+    // A further restart changes nothing: no second install.
+    drop(agent);
+    let registrations_before = {
+        let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r"]);
+        count(&audit, "device.registered")
+    };
+    let _agent = start_agent();
+    wait_for("dev-r to register a third time", WAIT, || {
+        let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r"]);
+        (count(&audit, "device.registered") > registrations_before).then_some(())
+    });
+    let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r", "--deployment", &deployment]);
+    assert_eq!(count(&audit, "download.served"), 1, "downloaded again after the restart: {audit:#?}");
+    assert_eq!(count(&audit, "device.installing"), 1);
+    assert_eq!(count(&audit, "device.installed"), 1);
+    assert!(!dir.join("installed/sensor-fw.previous").exists(), "installed twice");
+
+    // SIGTERM stops the server cleanly.
+    let exit = server.process.terminate(Duration::from_secs(30));
+    assert!(exit.is_some_and(|s| s.success()), "server exit after SIGTERM: {exit:?}");
+}

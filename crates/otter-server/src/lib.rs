@@ -1,1 +1,291 @@
-//! placeholder
+//! The Otter update server: operator REST API, device HTTPS endpoint (mutual
+//! TLS), embedded MQTT broker, SQLite store, local blob store, per-device
+//! download links, the rollout engine and the audit log.
+//!
+//! [`run`] starts everything from a [`ServerConfig`] and stops on the given
+//! future; `main.rs` is a thin shell around it.
+//!
+//! Layout (one concept per module), with the push-pull steps of `DESIGN.md`:
+//! - [`config`]: settings; [`files`], [`clock`]: data-directory files, time.
+//! - [`pki`]: the device CA, server and device certificates.
+//! - [`broker`]: the embedded MQTT broker behind `MessageBus` (step 1 in).
+//! - [`store`]: the database, the only SQL; [`audit`]: the one audit writer (steps 3, 9).
+//! - [`api`]: operator REST API (step 2); [`error`]: JSON error answers.
+//! - [`links`]: link tokens and their verification (steps 4, 6).
+//! - [`notify`]: the one way a link is created and published (step 4).
+//! - [`engine`]: registrations and reports driving the phase machine (steps 1, 5–8).
+//! - [`device_http`]: the mTLS download endpoint with ranges (step 6).
+//! - [`blobs`]: artifact storage.
+
+pub mod api;
+pub mod audit;
+pub mod blobs;
+pub mod broker;
+pub mod clock;
+pub mod config;
+pub mod device_http;
+pub mod engine;
+pub mod error;
+pub mod files;
+pub mod links;
+pub mod notify;
+pub mod pki;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use base64::Engine as _;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+pub use config::ServerConfig;
+
+use crate::api::{ApiState, PublicUrls};
+use crate::blobs::BlobStore;
+use crate::broker::{BrokerConfig, MessageBus};
+use crate::device_http::{DeviceEndpointLimits, DownloadState};
+use crate::engine::Engine;
+use crate::links::LinkSecret;
+use crate::notify::Notifier;
+use crate::pki::Pki;
+use crate::store::Store;
+
+/// Name of the first operator token, created on first start.
+pub const ADMIN_TOKEN_NAME: &str = "admin";
+/// How long shutdown waits for API requests in flight.
+const API_DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The addresses the server listens on, as written to `endpoints.json`
+/// (unspecified addresses replaced by loopback, so they can be dialled).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Endpoints {
+    pub api: SocketAddr,
+    pub device: SocketAddr,
+    pub mqtt: SocketAddr,
+}
+
+/// Paths inside the data directory.
+#[derive(Debug, Clone)]
+pub struct DataDir {
+    pub root: PathBuf,
+}
+
+impl DataDir {
+    pub fn database(&self) -> PathBuf {
+        self.root.join("otter.db")
+    }
+    pub fn blobs(&self) -> PathBuf {
+        self.root.join("blobs")
+    }
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+    pub fn link_secret(&self) -> PathBuf {
+        self.root.join("link.secret")
+    }
+    pub fn admin_token(&self) -> PathBuf {
+        self.root.join("admin.token")
+    }
+    pub fn endpoints(&self) -> PathBuf {
+        self.root.join("endpoints.json")
+    }
+}
+
+/// Runs the server until `shutdown` completes, then stops gracefully: stops
+/// accepting, lets requests in flight finish (bounded), closes the database.
+pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let data_dir = DataDir {
+        root: config.data_dir.clone(),
+    };
+    files::create_private_dir(&data_dir.root)
+        .with_context(|| format!("cannot create data directory {}", data_dir.root.display()))?;
+    files::create_private_dir(&data_dir.tmp())
+        .with_context(|| format!("cannot create {}", data_dir.tmp().display()))?;
+    clear_directory(&data_dir.tmp());
+
+    let (trusted_signers, trusted_signer_pems) = load_trusted_signers(&config.trusted_signers)?;
+    let pki = Arc::new(
+        Pki::load_or_create(&data_dir.root, &config.public_hosts)
+            .context("cannot load or create the PKI")?,
+    );
+    let link_secret = Arc::new(LinkSecret::load_or_create(&data_dir.link_secret())?);
+    let blobs = BlobStore::open_local(&data_dir.blobs()).context("cannot open blob storage")?;
+    let store = Store::open_sqlite(&data_dir.database())
+        .await
+        .with_context(|| format!("cannot open the database {}", data_dir.database().display()))?;
+    ensure_admin_token(&store, &data_dir.admin_token()).await?;
+
+    let api_listener = TcpListener::bind(config.api_addr)
+        .await
+        .with_context(|| format!("cannot listen on the API address {}", config.api_addr))?;
+    let device_listener = TcpListener::bind(config.device_addr)
+        .await
+        .with_context(|| format!("cannot listen on the device address {}", config.device_addr))?;
+    let device_tls = pki
+        .device_tls_config()
+        .context("cannot build the device TLS configuration")?;
+    let mut broker_config = BrokerConfig::from_pki(config.mqtt_addr, &pki);
+    broker_config.max_packet_size =
+        u32::try_from(otter_proto::MAX_MESSAGE_BYTES + 4096).unwrap_or(u32::MAX);
+    let (broker, mqtt_bound, broker_events) = broker::start_embedded(broker_config)
+        .await
+        .with_context(|| format!("cannot start the MQTT broker on {}", config.mqtt_addr))?;
+
+    let api_bound = api_listener.local_addr()?;
+    let device_bound = device_listener.local_addr()?;
+    let url_host = config.url_host();
+    let urls = PublicUrls {
+        mqtt_url: format!("mqtts://{url_host}:{}", mqtt_bound.port()),
+        device_url: format!("https://{url_host}:{}", device_bound.port()),
+    };
+
+    let stop = CancellationToken::new();
+    let bus: Arc<dyn MessageBus> = Arc::new(broker.clone());
+    let notifier = Notifier {
+        store: store.clone(),
+        bus,
+        link_secret: link_secret.clone(),
+        device_base_url: urls.device_url.clone(),
+        link_ttl: config.link_ttl,
+    };
+    let (engine_commands, engine_inbox) = mpsc::channel(engine::COMMAND_CAPACITY);
+    let engine_task =
+        tokio::spawn(Engine::new(notifier).run(broker_events, engine_inbox, stop.clone()));
+
+    let api_state = ApiState {
+        store: store.clone(),
+        blobs: blobs.clone(),
+        pki: pki.clone(),
+        trusted_signers: Arc::new(trusted_signers),
+        trusted_signer_pems: Arc::new(trusted_signer_pems),
+        urls,
+        tmp_dir: data_dir.tmp(),
+        max_upload_bytes: config.max_upload_bytes,
+        engine: engine_commands,
+    };
+    let api_stop = stop.clone();
+    let mut api_task = tokio::spawn(async move {
+        axum::serve(api_listener, api::router(api_state))
+            .with_graceful_shutdown(api_stop.cancelled_owned())
+            .await
+    });
+    let device_router = device_http::router(DownloadState {
+        store: store.clone(),
+        blobs,
+        link_secret,
+    });
+    let device_task = tokio::spawn(device_http::serve(
+        device_listener,
+        device_tls,
+        device_router,
+        DeviceEndpointLimits::default(),
+        stop.clone(),
+    ));
+
+    let endpoints = Endpoints {
+        api: config::connectable(api_bound),
+        device: config::connectable(device_bound),
+        mqtt: config::connectable(mqtt_bound),
+    };
+    let endpoints_json = serde_json::to_vec_pretty(&endpoints)?;
+    files::write_atomically(&data_dir.endpoints(), &endpoints_json, 0o644)
+        .with_context(|| format!("cannot write {}", data_dir.endpoints().display()))?;
+    tracing::info!(
+        "otter-server ready api={} device={} mqtt={}",
+        endpoints.api,
+        endpoints.device,
+        endpoints.mqtt
+    );
+
+    // Run until asked to stop, or until the API server fails on its own.
+    let api_result = tokio::select! {
+        _ = shutdown => None,
+        result = &mut api_task => Some(result),
+    };
+    tracing::info!("otter-server shutting down");
+    stop.cancel();
+    let api_result = match api_result {
+        Some(result) => Some(result),
+        None => match tokio::time::timeout(API_DRAIN_TIMEOUT, &mut api_task).await {
+            Ok(result) => Some(result),
+            Err(_) => {
+                tracing::warn!("API requests still running after the drain timeout");
+                api_task.abort();
+                None
+            }
+        },
+    };
+    let _ = device_task.await;
+    let _ = engine_task.await;
+    broker.shutdown().await;
+    store.close().await;
+    let _ = std::fs::remove_file(data_dir.endpoints());
+    match api_result {
+        Some(Ok(Ok(()))) | None => Ok(()),
+        Some(Ok(Err(error))) => Err(anyhow::Error::new(error).context("the API server failed")),
+        Some(Err(error)) => Err(anyhow::Error::new(error).context("the API server task failed")),
+    }
+}
+
+/// Reads each trusted signer key; returns the keys and their PEM.
+fn load_trusted_signers(
+    paths: &[PathBuf],
+) -> anyhow::Result<(Vec<ed25519_dalek::VerifyingKey>, Vec<String>)> {
+    let mut keys = Vec::with_capacity(paths.len());
+    let mut pems = Vec::with_capacity(paths.len());
+    for path in paths {
+        let key = otter_package::keys::read_verifying_key(path)
+            .with_context(|| format!("cannot read trusted signer key {}", path.display()))?;
+        pems.push(otter_package::keys::verifying_key_pem(&key));
+        keys.push(key);
+    }
+    if keys.is_empty() {
+        tracing::warn!(
+            "no trusted signer configured (--trusted-signer): every package upload will be refused"
+        );
+    }
+    Ok((keys, pems))
+}
+
+/// On first start (no operator token in the database) creates the admin
+/// token: written to `admin.token` (0600), only its SHA-256 stored.
+async fn ensure_admin_token(store: &Store, path: &Path) -> anyhow::Result<()> {
+    if store.has_operator_tokens().await? {
+        return Ok(());
+    }
+    let secret: [u8; 32] = rand::random();
+    let token = format!(
+        "otter_{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
+    );
+    files::write_private_atomically(path, token.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    store
+        .insert_operator_token(
+            ADMIN_TOKEN_NAME,
+            &api::token_sha256(&token),
+            "admin",
+            &clock::now_rfc3339(),
+        )
+        .await?;
+    tracing::info!(path = %path.display(), "created the admin operator token");
+    Ok(())
+}
+
+/// Removes leftovers of uploads interrupted by a crash.
+fn clear_directory(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if let Err(error) = std::fs::remove_file(entry.path()) {
+            tracing::warn!(path = %entry.path().display(), %error, "cannot remove a stale temporary file");
+        }
+    }
+}

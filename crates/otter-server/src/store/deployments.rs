@@ -1,0 +1,386 @@
+//! Deployments and their per-device targets: commit (steps 2–3), the phase
+//! of each device (steps 4–8) and the status views of the API.
+
+use std::collections::BTreeMap;
+
+use otter_proto::api::{DeploymentDevice, DeploymentInfo, DeploymentStatus, Target};
+use otter_proto::deployment::Phase;
+use otter_proto::messages::DeviceEvent;
+use otter_proto::topics::DeviceId;
+use sqlx::Row;
+use sqlx::any::AnyRow;
+
+use super::{Store, StoreError, json_column};
+use crate::audit::{self, Actor, AuditEvent, AuditRecord};
+
+/// A deployment to commit.
+#[derive(Debug, Clone)]
+pub struct DeploymentCreation<'a> {
+    pub deployment_id: &'a str,
+    pub release_id: &'a str,
+    pub target: &'a Target,
+    pub actor: &'a Actor,
+    pub at: &'a str,
+}
+
+/// Result of [`Store::create_deployment`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CreatedDeployment {
+    /// Committed; these devices are targeted, in phase pending.
+    Created {
+        device_ids: Vec<DeviceId>,
+    },
+    UnknownRelease,
+    UnknownDevice,
+    /// `device:ID` names a device whose hardware the release does not list.
+    IncompatibleDevice {
+        hardware: String,
+    },
+    /// The target matched no device of a compatible hardware.
+    EmptyTarget,
+}
+
+/// A device's place in a deployment, as the notifier needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotificationTarget {
+    pub deployment_id: String,
+    pub release_id: String,
+    pub phase: Phase,
+}
+
+/// Result of [`Store::advance_target`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdvanceOutcome {
+    /// The phase moved; this many links were revoked with it.
+    Advanced { revoked_links: u64 },
+    /// The phase was no longer `from` (another change won); nothing written.
+    Stale,
+}
+
+impl Store {
+    /// Resolves `target` and stores the deployment, its targets (phase
+    /// pending) and their audit rows in one transaction (steps 2–3).
+    /// Devices whose hardware the release does not list are left out.
+    pub async fn create_deployment(
+        &self,
+        creation: &DeploymentCreation<'_>,
+    ) -> Result<CreatedDeployment, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let release_hardware: Option<String> =
+            sqlx::query_scalar("SELECT hardware FROM releases WHERE id = $1")
+                .bind(creation.release_id)
+                .fetch_optional(&mut *transaction)
+                .await?;
+        let Some(release_hardware) = release_hardware else {
+            return Ok(CreatedDeployment::UnknownRelease);
+        };
+        let release_hardware: Vec<String> = json_column("releases.hardware", &release_hardware)?;
+
+        let candidates = match creation.target {
+            Target::All => {
+                sqlx::query("SELECT id, hardware FROM devices ORDER BY id")
+                    .fetch_all(&mut *transaction)
+                    .await?
+            }
+            Target::Fleet(tag) => sqlx::query(
+                "SELECT d.id, d.hardware FROM devices d JOIN device_tags t ON t.device_id = d.id \
+                     WHERE t.tag = $1 ORDER BY d.id",
+            )
+            .bind(tag.as_str())
+            .fetch_all(&mut *transaction)
+            .await?,
+            Target::Device(device_id) => {
+                sqlx::query("SELECT id, hardware FROM devices WHERE id = $1")
+                    .bind(device_id.as_str())
+                    .fetch_all(&mut *transaction)
+                    .await?
+            }
+        };
+        if candidates.is_empty() && matches!(creation.target, Target::Device(_)) {
+            return Ok(CreatedDeployment::UnknownDevice);
+        }
+        let mut device_ids = Vec::new();
+        let mut skipped = Vec::new();
+        for row in &candidates {
+            let id: String = row.try_get("id")?;
+            let hardware: String = row.try_get("hardware")?;
+            if release_hardware.contains(&hardware) {
+                device_ids
+                    .push(DeviceId::parse(&id).map_err(|e| StoreError::corrupt("devices.id", e))?);
+            } else if matches!(creation.target, Target::Device(_)) {
+                return Ok(CreatedDeployment::IncompatibleDevice { hardware });
+            } else {
+                skipped.push(id);
+            }
+        }
+        if device_ids.is_empty() {
+            return Ok(CreatedDeployment::EmptyTarget);
+        }
+
+        sqlx::query(
+            "INSERT INTO deployments (id, release_id, target, created_at, created_by) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(creation.deployment_id)
+        .bind(creation.release_id)
+        .bind(creation.target.to_string())
+        .bind(creation.at)
+        .bind(creation.actor.name.as_str())
+        .execute(&mut *transaction)
+        .await?;
+        let created = AuditRecord::new(creation.actor, AuditEvent::DeploymentCreated)
+            .deployment(creation.deployment_id)
+            .details(serde_json::json!({
+                "release": creation.release_id,
+                "target": creation.target.to_string(),
+                "devices": device_ids.len(),
+                "skipped_incompatible_hardware": skipped,
+            }));
+        audit::append(&mut transaction, creation.at, &created).await?;
+        for device_id in &device_ids {
+            sqlx::query(
+                "INSERT INTO deployment_targets (deployment_id, device_id, phase, updated_at) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(creation.deployment_id)
+            .bind(device_id.as_str())
+            .bind(Phase::Pending.as_str())
+            .bind(creation.at)
+            .execute(&mut *transaction)
+            .await?;
+            let targeted = AuditRecord::new(creation.actor, AuditEvent::DeploymentTargeted)
+                .device(device_id.as_str())
+                .deployment(creation.deployment_id)
+                .details(serde_json::json!({ "release": creation.release_id }));
+            audit::append(&mut transaction, creation.at, &targeted).await?;
+        }
+        transaction.commit().await?;
+        Ok(CreatedDeployment::Created { device_ids })
+    }
+
+    /// All deployments, newest first.
+    pub async fn deployments(&self) -> Result<Vec<DeploymentInfo>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, release_id, target, created_at, created_by FROM deployments ORDER BY created_at DESC, id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let counts = sqlx::query(
+            "SELECT deployment_id, phase, COUNT(*) AS devices FROM deployment_targets GROUP BY deployment_id, phase",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        let mut phases_by_deployment: BTreeMap<String, BTreeMap<Phase, u64>> = BTreeMap::new();
+        for row in &counts {
+            let deployment_id: String = row.try_get("deployment_id")?;
+            let phase = parse_phase(&row.try_get::<String, _>("phase")?)?;
+            let devices: i64 = row.try_get("devices")?;
+            phases_by_deployment
+                .entry(deployment_id)
+                .or_default()
+                .insert(phase, u64::try_from(devices).unwrap_or(0));
+        }
+        rows.iter()
+            .map(|row| {
+                let id: String = row.try_get("id")?;
+                let phases = phases_by_deployment.remove(&id).unwrap_or_default();
+                deployment_info(row, phases)
+            })
+            .collect()
+    }
+
+    /// One deployment with every target, or `None`.
+    pub async fn deployment_status(
+        &self,
+        deployment_id: &str,
+    ) -> Result<Option<DeploymentStatus>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, release_id, target, created_at, created_by FROM deployments WHERE id = $1",
+        )
+        .bind(deployment_id)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let target_rows = sqlx::query(
+            "SELECT device_id, phase, updated_at, detail FROM deployment_targets \
+             WHERE deployment_id = $1 ORDER BY device_id",
+        )
+        .bind(deployment_id)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut targets = Vec::with_capacity(target_rows.len());
+        let mut phases: BTreeMap<Phase, u64> = BTreeMap::new();
+        for target in &target_rows {
+            let device_id: String = target.try_get("device_id")?;
+            let phase = parse_phase(&target.try_get::<String, _>("phase")?)?;
+            *phases.entry(phase).or_default() += 1;
+            targets.push(DeploymentDevice {
+                device_id: DeviceId::parse(&device_id)
+                    .map_err(|e| StoreError::corrupt("deployment_targets.device_id", e))?,
+                phase,
+                updated_at: target.try_get("updated_at")?,
+                detail: target.try_get("detail")?,
+            });
+        }
+        Ok(Some(DeploymentStatus {
+            info: deployment_info(&row, phases)?,
+            targets,
+        }))
+    }
+
+    /// The phase of `device_id` in `deployment_id` with the release, or
+    /// `None` when the deployment does not target the device.
+    pub async fn notification_target(
+        &self,
+        deployment_id: &str,
+        device_id: &DeviceId,
+    ) -> Result<Option<NotificationTarget>, StoreError> {
+        let row = sqlx::query(
+            "SELECT t.phase, d.release_id FROM deployment_targets t \
+             JOIN deployments d ON d.id = t.deployment_id \
+             WHERE t.deployment_id = $1 AND t.device_id = $2",
+        )
+        .bind(deployment_id)
+        .bind(device_id.as_str())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        Ok(Some(NotificationTarget {
+            deployment_id: deployment_id.to_owned(),
+            release_id: row.try_get("release_id")?,
+            phase: parse_phase(&row.try_get::<String, _>("phase")?)?,
+        }))
+    }
+
+    /// The deployments in which `device_id` still needs its link
+    /// ([`Phase::needs_link`]), oldest first.
+    pub async fn deployments_needing_link(
+        &self,
+        device_id: &DeviceId,
+    ) -> Result<Vec<String>, StoreError> {
+        let rows = sqlx::query(
+            "SELECT t.deployment_id, t.phase FROM deployment_targets t \
+             JOIN deployments d ON d.id = t.deployment_id \
+             WHERE t.device_id = $1 ORDER BY d.created_at, d.id",
+        )
+        .bind(device_id.as_str())
+        .fetch_all(&self.pool)
+        .await?;
+        let mut deployment_ids = Vec::new();
+        for row in &rows {
+            if parse_phase(&row.try_get::<String, _>("phase")?)?.needs_link() {
+                deployment_ids.push(row.try_get("deployment_id")?);
+            }
+        }
+        Ok(deployment_ids)
+    }
+
+    /// Records that a notification was published (step 4): the phase moves
+    /// from pending to notified and `notification.sent` is audited.
+    pub async fn record_notification(
+        &self,
+        deployment_id: &str,
+        device_id: &DeviceId,
+        details: serde_json::Value,
+        at: &str,
+    ) -> Result<(), StoreError> {
+        let mut transaction = self.begin_write().await?;
+        sqlx::query(
+            "UPDATE deployment_targets SET phase = $1, updated_at = $2 \
+             WHERE deployment_id = $3 AND device_id = $4 AND phase = $5",
+        )
+        .bind(Phase::Notified.as_str())
+        .bind(at)
+        .bind(deployment_id)
+        .bind(device_id.as_str())
+        .bind(Phase::Pending.as_str())
+        .execute(&mut *transaction)
+        .await?;
+        let actor = Actor::server();
+        let record = AuditRecord::new(&actor, AuditEvent::NotificationSent)
+            .device(device_id.as_str())
+            .deployment(deployment_id)
+            .details(details);
+        audit::append(&mut transaction, at, &record).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// Moves a device's phase from `from` to `to` on its report `event`,
+    /// audits `device.<event>`, and when `revoke_link` revokes the device's
+    /// links for the deployment (auditing `link.revoked`), all in one
+    /// transaction. `from` guards against a concurrent change.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn advance_target(
+        &self,
+        deployment_id: &str,
+        device_id: &DeviceId,
+        from: Phase,
+        to: Phase,
+        event: DeviceEvent,
+        detail: Option<&str>,
+        revoke_link: bool,
+        at: &str,
+    ) -> Result<AdvanceOutcome, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let updated = sqlx::query(
+            "UPDATE deployment_targets SET phase = $1, updated_at = $2, detail = $3 \
+             WHERE deployment_id = $4 AND device_id = $5 AND phase = $6",
+        )
+        .bind(to.as_str())
+        .bind(at)
+        .bind(detail)
+        .bind(deployment_id)
+        .bind(device_id.as_str())
+        .bind(from.as_str())
+        .execute(&mut *transaction)
+        .await?;
+        if updated.rows_affected() == 0 {
+            return Ok(AdvanceOutcome::Stale);
+        }
+        let actor = Actor::device(device_id);
+        let record = AuditRecord::new(&actor, AuditEvent::Device(event))
+            .device(device_id.as_str())
+            .deployment(deployment_id)
+            .details(serde_json::json!({
+                "from": from.as_str(),
+                "to": to.as_str(),
+                "detail": detail,
+            }));
+        audit::append(&mut transaction, at, &record).await?;
+        let revoked_links = if revoke_link {
+            super::links::revoke_in(
+                &mut transaction,
+                deployment_id,
+                device_id,
+                &Actor::server(),
+                at,
+            )
+            .await?
+        } else {
+            0
+        };
+        transaction.commit().await?;
+        Ok(AdvanceOutcome::Advanced { revoked_links })
+    }
+}
+
+fn parse_phase(text: &str) -> Result<Phase, StoreError> {
+    Phase::parse(text).ok_or_else(|| StoreError::corrupt("deployment_targets.phase", text))
+}
+
+fn deployment_info(
+    row: &AnyRow,
+    phases: BTreeMap<Phase, u64>,
+) -> Result<DeploymentInfo, StoreError> {
+    let devices = phases.values().sum();
+    let complete = phases.keys().all(|phase| phase.is_terminal());
+    Ok(DeploymentInfo {
+        deployment_id: row.try_get("id")?,
+        release: row.try_get("release_id")?,
+        target: row.try_get("target")?,
+        created_at: row.try_get("created_at")?,
+        created_by: row.try_get("created_by")?,
+        devices,
+        phases,
+        complete,
+    })
+}

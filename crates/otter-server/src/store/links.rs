@@ -1,0 +1,132 @@
+//! Stored download links: creation (step 4), lookup on download and
+//! revocation (step 6). Tokens and their MAC are in `crate::links`; a row
+//! here adds what a token cannot carry: revocation.
+
+use otter_proto::topics::DeviceId;
+use sqlx::any::AnyRow;
+use sqlx::{AnyConnection, Row};
+
+use super::{Store, StoreError};
+use crate::audit::{self, Actor, AuditEvent, AuditRecord};
+use crate::links::{LinkId, StoredLink};
+
+impl Store {
+    /// Stores a new link and its `link.created` audit row.
+    pub async fn insert_link(
+        &self,
+        link_id: &LinkId,
+        deployment_id: &str,
+        device_id: &DeviceId,
+        expires_at: i64,
+        at: &str,
+    ) -> Result<(), StoreError> {
+        let mut transaction = self.begin_write().await?;
+        sqlx::query(
+            "INSERT INTO links (id, deployment_id, device_id, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(link_id.to_hex())
+        .bind(deployment_id)
+        .bind(device_id.as_str())
+        .bind(at)
+        .bind(expires_at)
+        .execute(&mut *transaction)
+        .await?;
+        let actor = Actor::server();
+        let record = AuditRecord::new(&actor, AuditEvent::LinkCreated)
+            .device(device_id.as_str())
+            .deployment(deployment_id)
+            .details(serde_json::json!({
+                "link_id": link_id.to_hex(),
+                "expires_at": expires_at,
+            }));
+        audit::append(&mut transaction, at, &record).await?;
+        transaction.commit().await?;
+        Ok(())
+    }
+
+    /// A link of `device_id` for `deployment_id` that is neither revoked nor
+    /// expiring before `valid_after` (Unix seconds), the latest one first.
+    pub async fn usable_link(
+        &self,
+        deployment_id: &str,
+        device_id: &DeviceId,
+        valid_after: i64,
+    ) -> Result<Option<StoredLink>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, deployment_id, device_id, expires_at, revoked_at FROM links \
+             WHERE deployment_id = $1 AND device_id = $2 AND revoked_at IS NULL AND expires_at > $3 \
+             ORDER BY expires_at DESC LIMIT 1",
+        )
+        .bind(deployment_id)
+        .bind(device_id.as_str())
+        .bind(valid_after)
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(link_from_row).transpose()
+    }
+
+    /// The link with this id, or `None`.
+    pub async fn link(&self, link_id: &LinkId) -> Result<Option<StoredLink>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, deployment_id, device_id, expires_at, revoked_at FROM links WHERE id = $1",
+        )
+        .bind(link_id.to_hex())
+        .fetch_optional(&self.pool)
+        .await?;
+        row.as_ref().map(link_from_row).transpose()
+    }
+
+    /// Revokes every unrevoked link of `device_id` for `deployment_id`,
+    /// auditing `link.revoked` when there was one. Returns how many.
+    pub async fn revoke_links(
+        &self,
+        deployment_id: &str,
+        device_id: &DeviceId,
+        actor: &Actor,
+        at: &str,
+    ) -> Result<u64, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let revoked = revoke_in(&mut transaction, deployment_id, device_id, actor, at).await?;
+        transaction.commit().await?;
+        Ok(revoked)
+    }
+}
+
+/// [`Store::revoke_links`] inside an open transaction.
+pub(super) async fn revoke_in(
+    connection: &mut AnyConnection,
+    deployment_id: &str,
+    device_id: &DeviceId,
+    actor: &Actor,
+    at: &str,
+) -> Result<u64, StoreError> {
+    let revoked = sqlx::query(
+        "UPDATE links SET revoked_at = $1 WHERE deployment_id = $2 AND device_id = $3 AND revoked_at IS NULL",
+    )
+    .bind(at)
+    .bind(deployment_id)
+    .bind(device_id.as_str())
+    .execute(&mut *connection)
+    .await?
+    .rows_affected();
+    if revoked > 0 {
+        let record = AuditRecord::new(actor, AuditEvent::LinkRevoked)
+            .device(device_id.as_str())
+            .deployment(deployment_id)
+            .details(serde_json::json!({ "links": revoked }));
+        audit::append(connection, at, &record).await?;
+    }
+    Ok(revoked)
+}
+
+fn link_from_row(row: &AnyRow) -> Result<StoredLink, StoreError> {
+    let id: String = row.try_get("id")?;
+    let revoked_at: Option<String> = row.try_get("revoked_at")?;
+    Ok(StoredLink {
+        link_id: LinkId::from_hex(&id).ok_or_else(|| StoreError::corrupt("links.id", &id))?,
+        deployment_id: row.try_get("deployment_id")?,
+        device_id: row.try_get("device_id")?,
+        expires_at: row.try_get("expires_at")?,
+        revoked: revoked_at.is_some(),
+    })
+}

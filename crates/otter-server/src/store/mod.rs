@@ -1,0 +1,275 @@
+//! The database: one [`Store`] type whose methods are the only SQL in the
+//! server.
+//!
+//! Queries are built at run time (no compile-time macros) with portable SQL
+//! (`$1` placeholders, `RETURNING`, no SQLite-only syntax), over
+//! `sqlx::AnyPool`, so adding PostgreSQL is a second connection URL, a second
+//! migrations folder and the few backend differences kept in [`Backend`].
+//! Multi-row changes run in one transaction together with their audit rows.
+//!
+//! Layout: this file opens the pool, runs migrations and holds operator
+//! tokens and the audit query; `devices`, `releases`, `deployments` and
+//! `links` hold the methods of each table group.
+
+mod deployments;
+mod devices;
+mod links;
+mod releases;
+
+use std::path::Path;
+use std::str::FromStr;
+
+use otter_proto::api::AuditEntry;
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::{Any, AnyPool, Row, Transaction};
+
+use crate::audit::{self, AuditRecord};
+
+pub use deployments::{AdvanceOutcome, CreatedDeployment, DeploymentCreation, NotificationTarget};
+pub use devices::{EnrollOutcome, NewDevice};
+pub use releases::{NewRelease, ReleaseInsertOutcome, StoredRelease};
+
+/// Why a store operation failed. Expected outcomes (a duplicate, an unknown
+/// id) are not errors: methods return them as values.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A stored value the server did not write or cannot read back.
+    #[error("corrupt database value in {column}: {reason}")]
+    Corrupt {
+        column: &'static str,
+        reason: String,
+    },
+}
+
+impl StoreError {
+    fn corrupt(column: &'static str, reason: impl ToString) -> Self {
+        StoreError::Corrupt {
+            column,
+            reason: reason.to_string(),
+        }
+    }
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(e) if e.is_unique_violation())
+}
+
+/// Which database is behind the pool; the few statements that differ branch
+/// on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+}
+
+/// An operator authenticated by token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Operator {
+    pub name: String,
+    pub role: String,
+}
+
+/// Filter of [`Store::audit_entries`].
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub device_id: Option<String>,
+    pub deployment_id: Option<String>,
+    /// Only rows with a larger sequence number.
+    pub after: Option<i64>,
+    pub limit: i64,
+}
+
+/// Handle on the database; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+impl Store {
+    /// Opens (creating if needed) the SQLite database at `path`, switches it
+    /// to WAL and applies pending migrations.
+    pub async fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
+        sqlx::any::install_default_drivers();
+        let url = sqlite_url(path);
+        let options = AnyConnectOptions::from_str(&url)?;
+        // SQLite defaults set by sqlx: foreign keys on, busy timeout 5 s.
+        // WAL lets the API read while the engine writes; the mode is stored
+        // in the database file, so setting it once per connection is cheap.
+        let pool = AnyPoolOptions::new()
+            .max_connections(8)
+            .after_connect(|connection, _| {
+                Box::pin(async move {
+                    sqlx::raw_sql("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL")
+                        .execute(connection)
+                        .await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        Ok(Store {
+            pool,
+            backend: Backend::Sqlite,
+        })
+    }
+
+    /// Closes every connection; waits for checked-out ones to come back.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+
+    /// Starts a transaction that will write. SQLite takes the write lock at
+    /// once (`BEGIN IMMEDIATE`), so two writers queue on the busy timeout
+    /// instead of failing when the second upgrades a read lock.
+    async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
+        let transaction = match self.backend {
+            Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
+        };
+        Ok(transaction)
+    }
+
+    /// Whether any operator token exists (false on first start).
+    pub async fn has_operator_tokens(&self) -> Result<bool, StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM operator_tokens")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(count > 0)
+    }
+
+    /// Stores an operator token by its SHA-256 (hex); the token itself is
+    /// never stored.
+    pub async fn insert_operator_token(
+        &self,
+        name: &str,
+        token_sha256: &str,
+        role: &str,
+        at: &str,
+    ) -> Result<(), StoreError> {
+        sqlx::query(
+            "INSERT INTO operator_tokens (name, token_sha256, role, created_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(name)
+        .bind(token_sha256)
+        .bind(role)
+        .bind(at)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// The operator holding the token with this SHA-256 (hex), if any.
+    pub async fn operator_by_token_sha256(
+        &self,
+        token_sha256: &str,
+    ) -> Result<Option<Operator>, StoreError> {
+        let row = sqlx::query("SELECT name, role FROM operator_tokens WHERE token_sha256 = $1")
+            .bind(token_sha256)
+            .fetch_optional(&self.pool)
+            .await?;
+        Ok(match row {
+            Some(row) => Some(Operator {
+                name: row.try_get("name")?,
+                role: row.try_get("role")?,
+            }),
+            None => None,
+        })
+    }
+
+    /// Appends one audit row outside any other change.
+    pub async fn append_audit(
+        &self,
+        at: &str,
+        record: &AuditRecord<'_>,
+    ) -> Result<i64, StoreError> {
+        let mut connection = self.pool.acquire().await?;
+        Ok(audit::append(&mut connection, at, record).await?)
+    }
+
+    /// Audit rows matching `filter`, by increasing sequence number.
+    pub async fn audit_entries(&self, filter: &AuditFilter) -> Result<Vec<AuditEntry>, StoreError> {
+        // Conditions are added only when set, so every placeholder has a
+        // column to take its type from (PostgreSQL cannot type `$1 IS NULL`).
+        let mut sql = String::from(
+            "SELECT seq, at, actor_kind, actor, device_id, deployment_id, event, details FROM audit WHERE seq > $1",
+        );
+        let mut next_placeholder = 2;
+        for (column, value) in [
+            ("device_id", &filter.device_id),
+            ("deployment_id", &filter.deployment_id),
+        ] {
+            if value.is_some() {
+                sql.push_str(&format!(" AND {column} = ${next_placeholder}"));
+                next_placeholder += 1;
+            }
+        }
+        sql.push_str(&format!(" ORDER BY seq LIMIT ${next_placeholder}"));
+        // Safe: `sql` holds only fixed column names and placeholders.
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(filter.after.unwrap_or(0));
+        for value in [&filter.device_id, &filter.deployment_id]
+            .into_iter()
+            .flatten()
+        {
+            query = query.bind(value.as_str());
+        }
+        let rows = query.bind(filter.limit).fetch_all(&self.pool).await?;
+        rows.iter()
+            .map(|row| {
+                let kind: String = row.try_get("actor_kind")?;
+                let details: String = row.try_get("details")?;
+                Ok(AuditEntry {
+                    seq: row.try_get("seq")?,
+                    at: row.try_get("at")?,
+                    actor_kind: audit::parse_actor_kind(&kind)
+                        .ok_or_else(|| StoreError::corrupt("audit.actor_kind", &kind))?,
+                    actor: row.try_get("actor")?,
+                    device_id: row.try_get("device_id")?,
+                    deployment_id: row.try_get("deployment_id")?,
+                    event: row.try_get("event")?,
+                    details: serde_json::from_str(&details)
+                        .map_err(|e| StoreError::corrupt("audit.details", e))?,
+                })
+            })
+            .collect()
+    }
+}
+
+/// `sqlite://` URL of a database file, created if missing. The path is
+/// percent-encoded where sqlx would otherwise read a query or fragment.
+fn sqlite_url(path: &Path) -> String {
+    let mut encoded = String::new();
+    for c in path.to_string_lossy().chars() {
+        match c {
+            '%' => encoded.push_str("%25"),
+            '?' => encoded.push_str("%3F"),
+            '#' => encoded.push_str("%23"),
+            other => encoded.push(other),
+        }
+    }
+    format!("sqlite://{encoded}?mode=rwc")
+}
+
+/// Parses a JSON column written by the server.
+fn json_column<T: serde::de::DeserializeOwned>(
+    column: &'static str,
+    text: &str,
+) -> Result<T, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::corrupt(column, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn url_escapes_query_characters() {
+        assert_eq!(
+            sqlite_url(Path::new("/tmp/a?b#c%d/otter.db")),
+            "sqlite:///tmp/a%3Fb%23c%25d/otter.db?mode=rwc"
+        );
+    }
+}
