@@ -16,10 +16,21 @@ pub struct Cli {
 #[derive(Debug, Args)]
 pub struct Global {
     /// Operator API of the server.
-    #[arg(long, global = true, env = "OTTER_SERVER", default_value = "http://127.0.0.1:8080")]
+    #[arg(
+        long,
+        global = true,
+        env = "OTTER_SERVER",
+        default_value = "http://127.0.0.1:8080"
+    )]
     pub server: String,
     /// Operator token.
-    #[arg(long, global = true, env = "OTTER_TOKEN", hide_env_values = true, conflicts_with = "token_file")]
+    #[arg(
+        long,
+        global = true,
+        env = "OTTER_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
     pub token: Option<String>,
     /// File holding the operator token (e.g. otter-data/admin.token).
     #[arg(long, global = true, env = "OTTER_TOKEN_FILE")]

@@ -54,13 +54,25 @@ impl ApiClient {
         self.send(request).await
     }
 
-    pub async fn post_json<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> anyhow::Result<T> {
-        let request = self.http.post(self.url(path)).bearer_auth(&self.token).json(body);
+    pub async fn post_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let request = self
+            .http
+            .post(self.url(path))
+            .bearer_auth(&self.token)
+            .json(body);
         self.send(request).await
     }
 
     /// Streams a file as the request body.
-    pub async fn post_file<T: DeserializeOwned>(&self, path: &str, file: &Path) -> anyhow::Result<T> {
+    pub async fn post_file<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        file: &Path,
+    ) -> anyhow::Result<T> {
         let handle = tokio::fs::File::open(file)
             .await
             .with_context(|| format!("cannot open {}", file.display()))?;
@@ -75,19 +87,31 @@ impl ApiClient {
         self.send(request).await
     }
 
-    async fn send<T: DeserializeOwned>(&self, request: reqwest::RequestBuilder) -> anyhow::Result<T> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> anyhow::Result<T> {
         let response = request
             .send()
             .await
             .map_err(|e| anyhow!("cannot reach the server at {}: {e}", self.base))?;
         let status = response.status();
-        let body = response.bytes().await.context("the server's answer was cut off")?;
+        let body = response
+            .bytes()
+            .await
+            .context("the server's answer was cut off")?;
         if !status.is_success() {
             return Err(match serde_json::from_slice::<ErrorBody>(&body) {
-                Ok(error) => anyhow!("{} ({}, HTTP {})", error.message, error.error, status.as_u16()),
+                Ok(error) => anyhow!(
+                    "{} ({}, HTTP {})",
+                    error.message,
+                    error.error,
+                    status.as_u16()
+                ),
                 Err(_) => anyhow!("the server answered HTTP {status}"),
             });
         }
-        serde_json::from_slice(&body).with_context(|| format!("unexpected answer from the server (HTTP {status})"))
+        serde_json::from_slice(&body)
+            .with_context(|| format!("unexpected answer from the server (HTTP {status})"))
     }
 }

@@ -10,14 +10,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use otter_proto::api::{
-    AuditEntry, CreateDeployment, DeploymentInfo, DeploymentStatus, DeviceInfo, EnrollRequest, EnrollResponse,
-    ReleaseInfo, Target,
+    AuditEntry, CreateDeployment, DeploymentInfo, DeploymentStatus, DeviceInfo, EnrollRequest,
+    EnrollResponse, ReleaseInfo, Target,
 };
 use otter_proto::topics::DeviceId;
 
 use crate::cli::{
-    AuditCommand, Cli, Command, DeployCommand, DeviceCommand, DevicesCommand, KeysCommand, PackageCommand,
-    ReleaseCommand,
+    AuditCommand, Cli, Command, DeployCommand, DeviceCommand, DevicesCommand, KeysCommand,
+    PackageCommand, ReleaseCommand,
 };
 use crate::client::ApiClient;
 use crate::output;
@@ -38,11 +38,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 fn package(command: PackageCommand) -> anyhow::Result<()> {
     match command {
-        PackageCommand::Build { key, name, version, kind, hardware, level, out, input } => {
+        PackageCommand::Build {
+            key,
+            name,
+            version,
+            kind,
+            hardware,
+            level,
+            out,
+            input,
+        } => {
             let signing_key = otter_package::keys::read_signing_key(&key)
                 .with_context(|| format!("cannot read the signing key {}", key.display()))?;
-            let mut source =
-                fs::File::open(&input).with_context(|| format!("cannot open the input {}", input.display()))?;
+            let mut source = fs::File::open(&input)
+                .with_context(|| format!("cannot open the input {}", input.display()))?;
             let options = otter_package::format::BuildOptions {
                 name,
                 version,
@@ -56,9 +65,14 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
             let folder = parent_folder(&out);
             let mut temporary = tempfile::NamedTempFile::new_in(folder)
                 .with_context(|| format!("cannot write in {}", folder.display()))?;
-            let signed =
-                otter_package::format::build_package(&mut source, temporary.as_file_mut(), &signing_key, &options, folder)
-                    .context("cannot build the package")?;
+            let signed = otter_package::format::build_package(
+                &mut source,
+                temporary.as_file_mut(),
+                &signing_key,
+                &options,
+                folder,
+            )
+            .context("cannot build the package")?;
             temporary.as_file_mut().sync_all()?;
             temporary
                 .persist(&out)
@@ -74,9 +88,13 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
                 out.display()
             );
         }
-        PackageCommand::Inspect { trusted_signers, json, package } => {
-            let mut file =
-                fs::File::open(&package).with_context(|| format!("cannot open {}", package.display()))?;
+        PackageCommand::Inspect {
+            trusted_signers,
+            json,
+            package,
+        } => {
+            let mut file = fs::File::open(&package)
+                .with_context(|| format!("cannot open {}", package.display()))?;
             let header = otter_package::format::read_header(&mut file)
                 .with_context(|| format!("{} is not an Otter package", package.display()))?;
             let manifest = if trusted_signers.is_empty() {
@@ -103,10 +121,20 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
                 println!("release     {}", manifest.release_id());
                 println!("kind        {}", manifest.kind.as_str());
                 println!("hardware    {}", manifest.hardware.join(","));
-                println!("payload     {} bytes, sha256 {}", manifest.payload.size, manifest.payload.sha256);
-                println!("artifact    {} bytes, sha256 {}", manifest.artifact.size, manifest.artifact.sha256);
+                println!(
+                    "payload     {} bytes, sha256 {}",
+                    manifest.payload.size, manifest.payload.sha256
+                );
+                println!(
+                    "artifact    {} bytes, sha256 {}",
+                    manifest.artifact.size, manifest.artifact.sha256
+                );
                 println!("signer      {}", header.signed_manifest.signer);
-                let verdict = if trusted_signers.is_empty() { "not checked (no --trusted-signer)" } else { "valid" };
+                let verdict = if trusted_signers.is_empty() {
+                    "not checked (no --trusted-signer)"
+                } else {
+                    "valid"
+                };
                 println!("signature   {verdict}");
             }
         }
@@ -140,7 +168,12 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
                 output::table(&["RELEASE", "KIND", "HARDWARE", "SIZE", "UPLOADED"], &rows);
             }
         }
-        Command::Device(DeviceCommand::Enroll { id, tags, hardware, out }) => enroll(client, &id, tags, hardware, &out).await?,
+        Command::Device(DeviceCommand::Enroll {
+            id,
+            tags,
+            hardware,
+            out,
+        }) => enroll(client, &id, tags, hardware, &out).await?,
         Command::Devices(DevicesCommand::List { tag, json }) => {
             let path = match &tag {
                 Some(tag) => format!("/api/v1/devices?tag={}", query_value(tag)?),
@@ -163,17 +196,33 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
                         ]
                     })
                     .collect::<Vec<_>>();
-                output::table(&["DEVICE", "HARDWARE", "TAGS", "MODE", "INSTALLED", "LAST SEEN"], &rows);
+                output::table(
+                    &[
+                        "DEVICE",
+                        "HARDWARE",
+                        "TAGS",
+                        "MODE",
+                        "INSTALLED",
+                        "LAST SEEN",
+                    ],
+                    &rows,
+                );
             }
         }
         Command::Deploy(DeployCommand::Create { release, target }) => {
             otter_proto::manifest::parse_release_id(&release).map_err(anyhow::Error::msg)?;
             Target::parse(&target).map_err(anyhow::Error::msg)?;
-            let info: DeploymentInfo =
-                client.post_json("/api/v1/deployments", &CreateDeployment { release, target }).await?;
+            let info: DeploymentInfo = client
+                .post_json("/api/v1/deployments", &CreateDeployment { release, target })
+                .await?;
             println!("{}", info.deployment_id);
         }
-        Command::Deploy(DeployCommand::Status { id, watch, timeout, json }) => {
+        Command::Deploy(DeployCommand::Status {
+            id,
+            watch,
+            timeout,
+            json,
+        }) => {
             return deploy_status(client, &id, watch, timeout.into(), json).await;
         }
         Command::Deploy(DeployCommand::List { json }) => {
@@ -194,10 +243,25 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
                         ]
                     })
                     .collect::<Vec<_>>();
-                output::table(&["DEPLOYMENT", "RELEASE", "TARGET", "DEVICES", "PHASES", "CREATED"], &rows);
+                output::table(
+                    &[
+                        "DEPLOYMENT",
+                        "RELEASE",
+                        "TARGET",
+                        "DEVICES",
+                        "PHASES",
+                        "CREATED",
+                    ],
+                    &rows,
+                );
             }
         }
-        Command::Audit(AuditCommand::List { device, deployment, limit, json }) => {
+        Command::Audit(AuditCommand::List {
+            device,
+            deployment,
+            limit,
+            json,
+        }) => {
             let mut path = format!("/api/v1/audit?limit={limit}");
             if let Some(device) = &device {
                 path.push_str(&format!("&device={}", query_value(device)?));
@@ -219,14 +283,31 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
                             output::or_dash(e.device_id.as_deref()),
                             output::or_dash(e.deployment_id.as_deref()),
                             e.event.clone(),
-                            if e.details.is_null() { String::new() } else { e.details.to_string() },
+                            if e.details.is_null() {
+                                String::new()
+                            } else {
+                                e.details.to_string()
+                            },
                         ]
                     })
                     .collect::<Vec<_>>();
-                output::table(&["SEQ", "AT", "ACTOR", "DEVICE", "DEPLOYMENT", "EVENT", "DETAILS"], &rows);
+                output::table(
+                    &[
+                        "SEQ",
+                        "AT",
+                        "ACTOR",
+                        "DEVICE",
+                        "DEPLOYMENT",
+                        "EVENT",
+                        "DETAILS",
+                    ],
+                    &rows,
+                );
             }
         }
-        Command::Keys(_) | Command::Package(_) => unreachable!("offline commands are handled in run"),
+        Command::Keys(_) | Command::Package(_) => {
+            unreachable!("offline commands are handled in run")
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -260,7 +341,10 @@ async fn deploy_status(
             last_summary = summary;
         }
         if started.elapsed() > timeout {
-            bail!("deployment {id} not complete after {}", humantime::format_duration(timeout));
+            bail!(
+                "deployment {id} not complete after {}",
+                humantime::format_duration(timeout)
+            );
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     };
@@ -288,7 +372,13 @@ async fn deploy_status(
             .collect::<Vec<_>>();
         output::table(&["DEVICE", "PHASE", "UPDATED", "DETAIL"], &rows);
     }
-    let failed = status.targets.iter().filter(|t| !matches!(t.phase, otter_proto::deployment::Phase::Installed) && t.phase.is_terminal()).count();
+    let failed = status
+        .targets
+        .iter()
+        .filter(|t| {
+            !matches!(t.phase, otter_proto::deployment::Phase::Installed) && t.phase.is_terminal()
+        })
+        .count();
     if watch && failed > 0 {
         eprintln!("error: {failed} device(s) did not install the release");
         return Ok(ExitCode::FAILURE);
@@ -311,7 +401,11 @@ fn installed_summary(installed: &BTreeMap<String, semver::Version>) -> String {
     if installed.is_empty() {
         return "-".to_owned();
     }
-    installed.iter().map(|(name, version)| format!("{name}@{version}")).collect::<Vec<_>>().join(",")
+    installed
+        .iter()
+        .map(|(name, version)| format!("{name}@{version}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn parent_folder(path: &Path) -> &Path {
@@ -330,20 +424,32 @@ async fn enroll(
 ) -> anyhow::Result<()> {
     let device_id = DeviceId::parse(id).with_context(|| format!("invalid device id {id:?}"))?;
     for tag in &tags {
-        otter_proto::manifest::validate_name(tag).map_err(|e| anyhow::anyhow!("invalid tag {tag:?}: {e}"))?;
+        otter_proto::manifest::validate_name(tag)
+            .map_err(|e| anyhow::anyhow!("invalid tag {tag:?}: {e}"))?;
     }
-    otter_proto::manifest::validate_name(&hardware).map_err(|e| anyhow::anyhow!("invalid hardware {hardware:?}: {e}"))?;
+    otter_proto::manifest::validate_name(&hardware)
+        .map_err(|e| anyhow::anyhow!("invalid hardware {hardware:?}: {e}"))?;
     // Refuse before asking the server for a certificate: a bundle folder that
     // already holds a key belongs to another enrolment.
     if out.join("device.key").exists() || out.join("agent.toml").exists() {
-        bail!("{} already holds a device bundle; choose another --out", out.display());
+        bail!(
+            "{} already holds a device bundle; choose another --out",
+            out.display()
+        );
     }
-    let request = EnrollRequest { device_id, tags, hardware: hardware.clone() };
+    let request = EnrollRequest {
+        device_id,
+        tags,
+        hardware: hardware.clone(),
+    };
     let enrolled: EnrollResponse = client.post_json("/api/v1/devices", &request).await?;
     write_bundle(out, &enrolled, &hardware)
         .with_context(|| format!("cannot write the agent bundle to {}", out.display()))?;
     println!("enrolled {} -> {}", enrolled.device_id, out.display());
-    println!("run it with: otter-agent --config {}", out.join("agent.toml").display());
+    println!(
+        "run it with: otter-agent --config {}",
+        out.join("agent.toml").display()
+    );
     Ok(())
 }
 
@@ -361,7 +467,11 @@ pub fn write_bundle(out: &Path, enrolled: &EnrollResponse, hardware: &str) -> an
         fs::write(out.join(&name), pem)?;
         signer_files.push(name);
     }
-    let signers = signer_files.iter().map(|s| toml_string(s)).collect::<Vec<_>>().join(", ");
+    let signers = signer_files
+        .iter()
+        .map(|s| toml_string(s))
+        .collect::<Vec<_>>()
+        .join(", ");
     let config = format!(
         r#"# Otter agent configuration, written by `otter device enroll`.
 # Relative paths are relative to this file's folder.
@@ -413,7 +523,11 @@ fn toml_string(value: &str) -> String {
 
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut file = fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path)?;
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     Ok(())

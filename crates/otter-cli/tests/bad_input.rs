@@ -17,7 +17,11 @@ fn offline_commands_refuse_bad_arguments() {
     let temp = tempfile::tempdir().unwrap();
     let key = temp.path().join("k");
     let key_arg = key.to_str().unwrap();
-    assert!(otter_offline(&["keys", "generate", "--out", key_arg]).status.success());
+    assert!(
+        otter_offline(&["keys", "generate", "--out", key_arg])
+            .status
+            .success()
+    );
     let again = otter_offline(&["keys", "generate", "--out", key_arg]);
     assert_eq!(again.status.code(), Some(1), "overwriting a key must fail");
 
@@ -26,22 +30,48 @@ fn offline_commands_refuse_bad_arguments() {
     let out = temp.path().join("out.otter");
     let build = |version: &str, kind: &str, key: &str| {
         otter_offline(&[
-            "package", "build", "--key", key, "--name", "fw", "--version", version, "--kind", kind,
-            "--hardware", "revB", "--out", out.to_str().unwrap(), input.to_str().unwrap(),
+            "package",
+            "build",
+            "--key",
+            key,
+            "--name",
+            "fw",
+            "--version",
+            version,
+            "--kind",
+            kind,
+            "--hardware",
+            "revB",
+            "--out",
+            out.to_str().unwrap(),
+            input.to_str().unwrap(),
         ])
     };
     let bad_version = build("one", "firmware", key_arg);
-    assert_eq!(bad_version.status.code(), Some(2), "{}", stderr(&bad_version));
+    assert_eq!(
+        bad_version.status.code(),
+        Some(2),
+        "{}",
+        stderr(&bad_version)
+    );
     let bad_kind = build("1.0.0", "kernel", key_arg);
     assert_eq!(bad_kind.status.code(), Some(2), "{}", stderr(&bad_kind));
     let public_as_private = build("1.0.0", "firmware", &format!("{key_arg}.pub"));
     assert_eq!(public_as_private.status.code(), Some(1));
-    assert!(stderr(&public_as_private).contains("signing key"), "{}", stderr(&public_as_private));
+    assert!(
+        stderr(&public_as_private).contains("signing key"),
+        "{}",
+        stderr(&public_as_private)
+    );
     assert!(!out.exists(), "a failed build left a package behind");
 
     let not_a_package = otter_offline(&["package", "inspect", input.to_str().unwrap()]);
     assert_eq!(not_a_package.status.code(), Some(1));
-    assert!(stderr(&not_a_package).contains("not an Otter package"), "{}", stderr(&not_a_package));
+    assert!(
+        stderr(&not_a_package).contains("not an Otter package"),
+        "{}",
+        stderr(&not_a_package)
+    );
 }
 
 #[test]
@@ -49,61 +79,170 @@ fn server_refuses_bad_requests_and_keeps_its_state() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
     let key = root.join("k");
-    assert!(otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()]).status.success());
+    assert!(
+        otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()])
+            .status
+            .success()
+    );
     let server = Server::start(root, &[&root.join("k.pub")]);
     let audit_before: Vec<AuditEntry> = server.otter_json(&["audit", "list"]);
 
     let cases: &[(&[&str], &str)] = &[
-        (&["deploy", "create", "--release", "nope@1.0.0", "--target", "all"], "unknown-release"),
-        (&["deploy", "create", "--release", "nope@1.0.0", "--target", "fleet:"], "invalid"),
-        (&["deploy", "status", "no-such-deployment"], "unknown-deployment"),
+        (
+            &[
+                "deploy",
+                "create",
+                "--release",
+                "nope@1.0.0",
+                "--target",
+                "all",
+            ],
+            "unknown-release",
+        ),
+        (
+            &[
+                "deploy",
+                "create",
+                "--release",
+                "nope@1.0.0",
+                "--target",
+                "fleet:",
+            ],
+            "invalid",
+        ),
+        (
+            &["deploy", "status", "no-such-deployment"],
+            "unknown-deployment",
+        ),
     ];
     for (args, expected) in cases {
         let output = server.otter(args);
         assert_eq!(output.status.code(), Some(1), "{args:?}");
-        assert!(stderr(&output).contains(expected), "{args:?}: {}", stderr(&output));
+        assert!(
+            stderr(&output).contains(expected),
+            "{args:?}: {}",
+            stderr(&output)
+        );
     }
 
     // Garbage and unsigned uploads are refused and store nothing.
     let garbage = root.join("garbage.otter");
     fs::write(&garbage, b"OTTERPKG\x00\x00\x00\x05{not json").unwrap();
     let output = server.otter(&["release", "upload", garbage.to_str().unwrap()]);
-    assert!(stderr(&output).contains("invalid-package"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("invalid-package"),
+        "{}",
+        stderr(&output)
+    );
     let other_key = root.join("other");
-    assert!(otter_offline(&["keys", "generate", "--out", other_key.to_str().unwrap()]).status.success());
+    assert!(
+        otter_offline(&["keys", "generate", "--out", other_key.to_str().unwrap()])
+            .status
+            .success()
+    );
     let input = root.join("in.bin");
     fs::write(&input, b"payload").unwrap();
     let foreign = root.join("foreign.otter");
     let built = otter_offline(&[
-        "package", "build", "--key", other_key.to_str().unwrap(), "--name", "fw", "--version", "1.0.0",
-        "--kind", "firmware", "--hardware", "revB", "--out", foreign.to_str().unwrap(), input.to_str().unwrap(),
+        "package",
+        "build",
+        "--key",
+        other_key.to_str().unwrap(),
+        "--name",
+        "fw",
+        "--version",
+        "1.0.0",
+        "--kind",
+        "firmware",
+        "--hardware",
+        "revB",
+        "--out",
+        foreign.to_str().unwrap(),
+        input.to_str().unwrap(),
     ]);
     assert!(built.status.success(), "{}", stderr(&built));
     let output = server.otter(&["release", "upload", foreign.to_str().unwrap()]);
-    assert!(stderr(&output).contains("invalid-package"), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("invalid-package"),
+        "{}",
+        stderr(&output)
+    );
     let releases: Vec<ReleaseInfo> = server.otter_json(&["release", "list"]);
     assert!(releases.is_empty());
-    let blobs = fs::read_dir(server.data_dir.join("blobs")).map(|d| d.count()).unwrap_or(0);
+    let blobs = fs::read_dir(server.data_dir.join("blobs"))
+        .map(|d| d.count())
+        .unwrap_or(0);
     assert_eq!(blobs, 0, "a refused upload left a blob");
 
     // Unknown device target, duplicate enrolment, wrong token.
     let good = root.join("good.otter");
     let built = otter_offline(&[
-        "package", "build", "--key", key.to_str().unwrap(), "--name", "fw", "--version", "1.0.0",
-        "--kind", "firmware", "--hardware", "revB", "--out", good.to_str().unwrap(), input.to_str().unwrap(),
+        "package",
+        "build",
+        "--key",
+        key.to_str().unwrap(),
+        "--name",
+        "fw",
+        "--version",
+        "1.0.0",
+        "--kind",
+        "firmware",
+        "--hardware",
+        "revB",
+        "--out",
+        good.to_str().unwrap(),
+        input.to_str().unwrap(),
     ]);
     assert!(built.status.success());
     server.otter_ok(&["release", "upload", good.to_str().unwrap()]);
     let output = server.otter(&["release", "upload", good.to_str().unwrap()]);
-    assert_eq!(output.status.code(), Some(1), "a duplicate upload must be refused");
-    let output = server.otter(&["deploy", "create", "--release", "fw@1.0.0", "--target", "device:ghost"]);
-    assert!(stderr(&output).contains("unknown-device"), "{}", stderr(&output));
-    let output = server.otter(&["deploy", "create", "--release", "fw@1.0.0", "--target", "fleet:empty"]);
-    assert!(stderr(&output).contains("empty-target"), "{}", stderr(&output));
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "a duplicate upload must be refused"
+    );
+    let output = server.otter(&[
+        "deploy",
+        "create",
+        "--release",
+        "fw@1.0.0",
+        "--target",
+        "device:ghost",
+    ]);
+    assert!(
+        stderr(&output).contains("unknown-device"),
+        "{}",
+        stderr(&output)
+    );
+    let output = server.otter(&[
+        "deploy",
+        "create",
+        "--release",
+        "fw@1.0.0",
+        "--target",
+        "fleet:empty",
+    ]);
+    assert!(
+        stderr(&output).contains("empty-target"),
+        "{}",
+        stderr(&output)
+    );
 
     let bundle = root.join("dev-1");
-    server.otter_ok(&["device", "enroll", "dev-1", "--out", bundle.to_str().unwrap()]);
-    let output = server.otter(&["device", "enroll", "dev-1", "--out", root.join("dev-1b").to_str().unwrap()]);
+    server.otter_ok(&[
+        "device",
+        "enroll",
+        "dev-1",
+        "--out",
+        bundle.to_str().unwrap(),
+    ]);
+    let output = server.otter(&[
+        "device",
+        "enroll",
+        "dev-1",
+        "--out",
+        root.join("dev-1b").to_str().unwrap(),
+    ]);
     assert_eq!(output.status.code(), Some(1));
     assert!(stderr(&output).contains("exists"), "{}", stderr(&output));
     let devices: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
@@ -116,11 +255,18 @@ fn server_refuses_bad_requests_and_keeps_its_state() {
         .output()
         .unwrap();
     assert_eq!(wrong_token.status.code(), Some(1));
-    assert!(stderr(&wrong_token).contains("unauthorized"), "{}", stderr(&wrong_token));
+    assert!(
+        stderr(&wrong_token).contains("unauthorized"),
+        "{}",
+        stderr(&wrong_token)
+    );
 
     // None of the refusals above wrote a deployment.
     let audit_after: Vec<AuditEntry> = server.otter_json(&["audit", "list"]);
-    let new_events: Vec<&str> = audit_after[audit_before.len()..].iter().map(|e| e.event.as_str()).collect();
+    let new_events: Vec<&str> = audit_after[audit_before.len()..]
+        .iter()
+        .map(|e| e.event.as_str())
+        .collect();
     assert!(
         new_events.iter().all(|e| !e.starts_with("deployment.")),
         "refused requests wrote audit rows: {new_events:?}"

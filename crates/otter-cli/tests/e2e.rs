@@ -23,10 +23,30 @@ struct Device {
 
 fn enroll_and_start(server: &Server, root: &Path, id: &'static str, tag: &str) -> Device {
     let dir = root.join(id);
-    server.otter_ok(&["device", "enroll", id, "--tags", tag, "--hardware", "revB", "--out", dir.to_str().unwrap()]);
+    server.otter_ok(&[
+        "device",
+        "enroll",
+        id,
+        "--tags",
+        tag,
+        "--hardware",
+        "revB",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     let config = dir.join("agent.toml");
-    let agent = Process::spawn(id, Command::new(binary("otter-agent")).arg("--config").arg(&config), root);
-    Device { id, dir, _agent: agent }
+    let agent = Process::spawn(
+        id,
+        Command::new(binary("otter-agent"))
+            .arg("--config")
+            .arg(&config),
+        root,
+    );
+    Device {
+        id,
+        dir,
+        _agent: agent,
+    }
 }
 
 fn build_package(root: &Path, key: &Path, version: &str, payload: &[u8]) -> PathBuf {
@@ -34,10 +54,27 @@ fn build_package(root: &Path, key: &Path, version: &str, payload: &[u8]) -> Path
     fs::write(&input, payload).unwrap();
     let out = root.join(format!("sensor-fw-{version}.otter"));
     let output = otter_offline(&[
-        "package", "build", "--key", key.to_str().unwrap(), "--name", "sensor-fw", "--version", version,
-        "--kind", "firmware", "--hardware", "revB", "--out", out.to_str().unwrap(), input.to_str().unwrap(),
+        "package",
+        "build",
+        "--key",
+        key.to_str().unwrap(),
+        "--name",
+        "sensor-fw",
+        "--version",
+        version,
+        "--kind",
+        "firmware",
+        "--hardware",
+        "revB",
+        "--out",
+        out.to_str().unwrap(),
+        input.to_str().unwrap(),
     ]);
-    assert!(output.status.success(), "package build: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "package build: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     out
 }
 
@@ -76,8 +113,12 @@ fn device_client(device_dir: &Path, ca_dir: &Path) -> reqwest::Client {
 /// The link a device was given, from the job its agent persisted.
 fn persisted_link(device: &Device) -> String {
     let job: serde_json::Value =
-        serde_json::from_str(&fs::read_to_string(device.dir.join("state/job.json")).unwrap()).unwrap();
-    job["notification"]["link"].as_str().expect("link in job.json").to_owned()
+        serde_json::from_str(&fs::read_to_string(device.dir.join("state/job.json")).unwrap())
+            .unwrap();
+    job["notification"]["link"]
+        .as_str()
+        .expect("link in job.json")
+        .to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,7 +129,11 @@ async fn push_pull_to_a_fleet_end_to_end() {
 
     let key = root.join("signing.key");
     let output = otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()]);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let public_key = root.join("signing.key.pub");
     let server = Server::start(root, &[&public_key]);
 
@@ -99,7 +144,11 @@ async fn push_pull_to_a_fleet_end_to_end() {
     // Step 1: all three register (mode, agent version and hardware stored).
     wait_for("three registrations", WAIT, || {
         let devices: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
-        (devices.len() == 3 && devices.iter().all(|d| d.mode.is_some() && d.agent_version.is_some())).then_some(())
+        (devices.len() == 3
+            && devices
+                .iter()
+                .all(|d| d.mode.is_some() && d.agent_version.is_some()))
+        .then_some(())
     });
 
     // A tampered package is refused at upload and leaves nothing behind.
@@ -113,34 +162,72 @@ async fn push_pull_to_a_fleet_end_to_end() {
     let refused = server.otter(&["release", "upload", tampered.to_str().unwrap()]);
     assert!(!refused.status.success(), "tampered package was accepted");
     let message = String::from_utf8_lossy(&refused.stderr);
-    assert!(message.contains("invalid-package"), "unexpected refusal: {message}");
+    assert!(
+        message.contains("invalid-package"),
+        "unexpected refusal: {message}"
+    );
     let releases: Vec<ReleaseInfo> = server.otter_json(&["release", "list"]);
-    assert!(releases.is_empty(), "a refused upload stored a release: {releases:?}");
+    assert!(
+        releases.is_empty(),
+        "a refused upload stored a release: {releases:?}"
+    );
 
     // Steps 2–9: deploy to fleet line-2 (dev-a and dev-b, not dev-c).
-    assert_eq!(server.otter_ok(&["release", "upload", good.to_str().unwrap()]).trim(), "sensor-fw@1.0.0");
-    let deployment =
-        server.otter_ok(&["deploy", "create", "--release", "sensor-fw@1.0.0", "--target", "fleet:line-2"]).trim().to_owned();
+    assert_eq!(
+        server
+            .otter_ok(&["release", "upload", good.to_str().unwrap()])
+            .trim(),
+        "sensor-fw@1.0.0"
+    );
+    let deployment = server
+        .otter_ok(&[
+            "deploy",
+            "create",
+            "--release",
+            "sensor-fw@1.0.0",
+            "--target",
+            "fleet:line-2",
+        ])
+        .trim()
+        .to_owned();
     let status = wait_deployment_complete(&server, &deployment);
     assert_eq!(status.info.devices, 2);
-    let mut targeted: Vec<_> = status.targets.iter().map(|t| (t.device_id.to_string(), t.phase)).collect();
+    let mut targeted: Vec<_> = status
+        .targets
+        .iter()
+        .map(|t| (t.device_id.to_string(), t.phase))
+        .collect();
     targeted.sort();
     assert_eq!(
         targeted,
-        vec![("dev-a".to_owned(), Phase::Installed), ("dev-b".to_owned(), Phase::Installed)]
+        vec![
+            ("dev-a".to_owned(), Phase::Installed),
+            ("dev-b".to_owned(), Phase::Installed)
+        ]
     );
 
     // The payload landed, byte for byte, on the two targeted devices only.
     for device in [&a, &b] {
         let installed = fs::read(device.dir.join("installed/sensor-fw")).unwrap();
-        assert!(installed == good_payload, "{} installed different bytes", device.id);
+        assert!(
+            installed == good_payload,
+            "{} installed different bytes",
+            device.id
+        );
     }
-    assert!(!c.dir.join("installed/sensor-fw").exists(), "dev-c installed an update not meant for it");
+    assert!(
+        !c.dir.join("installed/sensor-fw").exists(),
+        "dev-c installed an update not meant for it"
+    );
     let devices: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
     for d in &devices {
         let version = d.installed.get("sensor-fw").map(ToString::to_string);
         let expected = (d.device_id.as_str() != "dev-c").then(|| "1.0.0".to_owned());
-        assert_eq!(version, expected, "installed versions reported by {}", d.device_id);
+        assert_eq!(
+            version, expected,
+            "installed versions reported by {}",
+            d.device_id
+        );
     }
 
     // Steps 3–9 are in the audit, in order, for each targeted device.
@@ -155,30 +242,72 @@ async fn push_pull_to_a_fleet_end_to_end() {
         "device.installed",
     ];
     for device in [&a, &b] {
-        let audit: Vec<AuditEntry> =
-            server.otter_json(&["audit", "list", "--device", device.id, "--deployment", &deployment]);
+        let audit: Vec<AuditEntry> = server.otter_json(&[
+            "audit",
+            "list",
+            "--device",
+            device.id,
+            "--deployment",
+            &deployment,
+        ]);
         let events: Vec<&str> = audit.iter().map(|e| e.event.as_str()).collect();
         let mut position = 0;
         for step in expected_steps {
             let found = events[position..].iter().position(|e| *e == step);
-            assert!(found.is_some(), "{}: audit lacks {step} after position {position}: {events:?}", device.id);
+            assert!(
+                found.is_some(),
+                "{}: audit lacks {step} after position {position}: {events:?}",
+                device.id
+            );
             position += found.unwrap_or(0) + 1;
         }
-        let installed = audit.iter().find(|e| e.event == "device.installed").unwrap();
-        assert_eq!((installed.actor.as_str(), installed.device_id.as_deref()), (device.id, Some(device.id)));
+        let installed = audit
+            .iter()
+            .find(|e| e.event == "device.installed")
+            .unwrap();
+        assert_eq!(
+            (installed.actor.as_str(), installed.device_id.as_deref()),
+            (device.id, Some(device.id))
+        );
     }
-    let audit_c: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-c", "--deployment", &deployment]);
-    assert!(audit_c.is_empty(), "dev-c appears in the deployment's audit: {audit_c:?}");
+    let audit_c: Vec<AuditEntry> = server.otter_json(&[
+        "audit",
+        "list",
+        "--device",
+        "dev-c",
+        "--deployment",
+        &deployment,
+    ]);
+    assert!(
+        audit_c.is_empty(),
+        "dev-c appears in the deployment's audit: {audit_c:?}"
+    );
 
     // The links are revoked; another device's certificate is refused.
     let ca_dir = &a.dir;
     let link_a = persisted_link(&a);
-    let answer = device_client(&a.dir, ca_dir).get(&link_a).send().await.unwrap();
-    assert_eq!(answer.status(), reqwest::StatusCode::GONE, "dev-a's link after install");
+    let answer = device_client(&a.dir, ca_dir)
+        .get(&link_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status(),
+        reqwest::StatusCode::GONE,
+        "dev-a's link after install"
+    );
     let body: otter_proto::api::ErrorBody = answer.json().await.unwrap();
     assert!(!body.message.is_empty());
-    let answer = device_client(&c.dir, ca_dir).get(&link_a).send().await.unwrap();
-    assert_eq!(answer.status(), reqwest::StatusCode::FORBIDDEN, "dev-c presenting dev-a's link");
+    let answer = device_client(&c.dir, ca_dir)
+        .get(&link_a)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        answer.status(),
+        reqwest::StatusCode::FORBIDDEN,
+        "dev-c presenting dev-a's link"
+    );
 
     // A certificate from another CA does not get past the TLS handshake.
     let foreign = foreign_identity();
@@ -189,36 +318,68 @@ async fn push_pull_to_a_fleet_end_to_end() {
         .build()
         .unwrap();
     let refused = stranger.get(&link_a).send().await;
-    assert!(refused.is_err(), "a foreign certificate got an HTTP answer: {:?}", refused.map(|r| r.status()));
+    assert!(
+        refused.is_err(),
+        "a foreign certificate got an HTTP answer: {:?}",
+        refused.map(|r| r.status())
+    );
 
     // A tampered download is never installed: corrupt the stored artifact
     // of a second release, deploy it to dev-c, and watch it fail.
     let second = build_package(root, &key, "2.0.0", &payload(1 << 20, 9));
-    let release: ReleaseInfo = serde_json::from_str(&server.otter_ok(&["release", "list", "--json"]))
-        .map(|all: Vec<ReleaseInfo>| all.into_iter().next().unwrap())
-        .unwrap();
+    let release: ReleaseInfo =
+        serde_json::from_str(&server.otter_ok(&["release", "list", "--json"]))
+            .map(|all: Vec<ReleaseInfo>| all.into_iter().next().unwrap())
+            .unwrap();
     assert_eq!(release.id, "sensor-fw@1.0.0");
     server.otter_ok(&["release", "upload", second.to_str().unwrap()]);
-    let blob = find_file_of_size(&server.data_dir.join("blobs"), artifact_size(&server, "sensor-fw@2.0.0"));
+    let blob = find_file_of_size(
+        &server.data_dir.join("blobs"),
+        artifact_size(&server, "sensor-fw@2.0.0"),
+    );
     let mut blob_bytes = fs::read(&blob).unwrap();
     blob_bytes[1000] ^= 0xff;
     fs::write(&blob, &blob_bytes).unwrap();
-    let deployment2 =
-        server.otter_ok(&["deploy", "create", "--release", "sensor-fw@2.0.0", "--target", "device:dev-c"]).trim().to_owned();
+    let deployment2 = server
+        .otter_ok(&[
+            "deploy",
+            "create",
+            "--release",
+            "sensor-fw@2.0.0",
+            "--target",
+            "device:dev-c",
+        ])
+        .trim()
+        .to_owned();
     let status = wait_deployment_complete(&server, &deployment2);
     assert_eq!(status.targets.len(), 1);
     assert_eq!(status.targets[0].phase, Phase::Failed, "{status:?}");
     let reason = status.targets[0].detail.clone().unwrap_or_default();
-    assert!(reason.contains("hash") || reason.contains("sha256"), "failure reason: {reason}");
-    assert!(!c.dir.join("installed/sensor-fw").exists(), "the tampered download was installed");
+    assert!(
+        reason.contains("hash") || reason.contains("sha256"),
+        "failure reason: {reason}"
+    );
+    assert!(
+        !c.dir.join("installed/sensor-fw").exists(),
+        "the tampered download was installed"
+    );
     let landing = c.dir.join("landing");
-    let leftovers: Vec<_> = fs::read_dir(&landing).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    assert!(leftovers.iter().all(|p| !p.join("payload").exists()), "unpacked payload left in {leftovers:?}");
+    let leftovers: Vec<_> = fs::read_dir(&landing)
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(
+        leftovers.iter().all(|p| !p.join("payload").exists()),
+        "unpacked payload left in {leftovers:?}"
+    );
 }
 
 fn artifact_size(server: &Server, release: &str) -> u64 {
     let releases: Vec<ReleaseInfo> = server.otter_json(&["release", "list"]);
-    releases.into_iter().find(|r| r.id == release).map(|r| r.artifact_size).expect("release listed")
+    releases
+        .into_iter()
+        .find(|r| r.id == release)
+        .map(|r| r.artifact_size)
+        .expect("release listed")
 }
 
 fn find_file_of_size(dir: &Path, size: u64) -> PathBuf {
@@ -234,7 +395,11 @@ fn find_file_of_size(dir: &Path, size: u64) -> PathBuf {
             }
         }
     }
-    assert_eq!(found.len(), 1, "expected one blob of {size} bytes, found {found:?}");
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one blob of {size} bytes, found {found:?}"
+    );
     found.remove(0)
 }
 
@@ -243,12 +408,16 @@ fn foreign_identity() -> String {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params.distinguished_name.push(rcgen::DnType::CommonName, "Mallory CA");
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "Mallory CA");
     let ca = ca_params.self_signed(&ca_key).unwrap();
     let issuer = rcgen::Issuer::new(ca_params, ca_key);
     let key = rcgen::KeyPair::generate().unwrap();
     let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.distinguished_name.push(rcgen::DnType::CommonName, "dev-a");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "dev-a");
     let cert = params.signed_by(&key, &issuer).unwrap();
     let _ = ca;
     format!("{}{}", cert.pem(), key.serialize_pem())
@@ -265,22 +434,46 @@ fn agent_restart_resumes_without_repeating_steps() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
     let key = root.join("signing.key");
-    assert!(otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()]).status.success());
+    assert!(
+        otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()])
+            .status
+            .success()
+    );
     let mut server = Server::start(root, &[&root.join("signing.key.pub")]);
 
     let dir = root.join("dev-r");
-    server.otter_ok(&["device", "enroll", "dev-r", "--hardware", "revB", "--out", dir.to_str().unwrap()]);
+    server.otter_ok(&[
+        "device",
+        "enroll",
+        "dev-r",
+        "--hardware",
+        "revB",
+        "--out",
+        dir.to_str().unwrap(),
+    ]);
     // The device is "busy" until the file `safe` exists.
     let safe_flag = root.join("safe");
     let config_path = dir.join("agent.toml");
     let config = fs::read_to_string(&config_path).unwrap();
-    let probe = format!("command = [\"test\", \"-f\", {:?}]", safe_flag.to_str().unwrap());
-    let config = config
-        .replacen("command = []", &probe, 1)
-        .replace("initial_backoff = \"1s\"\nmax_backoff = \"60s\"\ndeadline", "initial_backoff = \"100ms\"\nmax_backoff = \"300ms\"\ndeadline");
+    let probe = format!(
+        "command = [\"test\", \"-f\", {:?}]",
+        safe_flag.to_str().unwrap()
+    );
+    let config = config.replacen("command = []", &probe, 1).replace(
+        "initial_backoff = \"1s\"\nmax_backoff = \"60s\"\ndeadline",
+        "initial_backoff = \"100ms\"\nmax_backoff = \"300ms\"\ndeadline",
+    );
     assert!(config.contains(&probe), "probe not set in {config}");
     fs::write(&config_path, config).unwrap();
-    let start_agent = || Process::spawn("dev-r", Command::new(binary("otter-agent")).arg("--config").arg(&config_path), root);
+    let start_agent = || {
+        Process::spawn(
+            "dev-r",
+            Command::new(binary("otter-agent"))
+                .arg("--config")
+                .arg(&config_path),
+            root,
+        )
+    };
 
     let mut agent = start_agent();
     wait_for("dev-r to register", WAIT, || {
@@ -290,8 +483,17 @@ fn agent_restart_resumes_without_repeating_steps() {
     let content = payload(2 << 20, 11);
     let package = build_package(root, &key, "1.0.0", &content);
     server.otter_ok(&["release", "upload", package.to_str().unwrap()]);
-    let deployment =
-        server.otter_ok(&["deploy", "create", "--release", "sensor-fw@1.0.0", "--target", "device:dev-r"]).trim().to_owned();
+    let deployment = server
+        .otter_ok(&[
+            "deploy",
+            "create",
+            "--release",
+            "sensor-fw@1.0.0",
+            "--target",
+            "device:dev-r",
+        ])
+        .trim()
+        .to_owned();
     wait_for("dev-r to download", WAIT, || {
         let status: DeploymentStatus = server.otter_json(&["deploy", "status", &deployment]);
         (status.targets[0].phase == Phase::Downloaded).then_some(())
@@ -325,13 +527,30 @@ fn agent_restart_resumes_without_repeating_steps() {
         let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r"]);
         (count(&audit, "device.registered") > registrations_before).then_some(())
     });
-    let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r", "--deployment", &deployment]);
-    assert_eq!(count(&audit, "download.served"), 1, "downloaded again after the restart: {audit:#?}");
+    let audit: Vec<AuditEntry> = server.otter_json(&[
+        "audit",
+        "list",
+        "--device",
+        "dev-r",
+        "--deployment",
+        &deployment,
+    ]);
+    assert_eq!(
+        count(&audit, "download.served"),
+        1,
+        "downloaded again after the restart: {audit:#?}"
+    );
     assert_eq!(count(&audit, "device.installing"), 1);
     assert_eq!(count(&audit, "device.installed"), 1);
-    assert!(!dir.join("installed/sensor-fw.previous").exists(), "installed twice");
+    assert!(
+        !dir.join("installed/sensor-fw.previous").exists(),
+        "installed twice"
+    );
 
     // SIGTERM stops the server cleanly.
     let exit = server.process.terminate(Duration::from_secs(30));
-    assert!(exit.is_some_and(|s| s.success()), "server exit after SIGTERM: {exit:?}");
+    assert!(
+        exit.is_some_and(|s| s.success()),
+        "server exit after SIGTERM: {exit:?}"
+    );
 }

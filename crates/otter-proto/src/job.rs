@@ -143,6 +143,8 @@ fn finished(event: DeviceEvent, detail: Option<String>) -> (Stage, DeviceEvent, 
 ///
 /// `manifest` is the verified manifest of `incoming`; `installed` is the
 /// version of that package on the device now; `hardware` the device's model.
+/// A package for other hardware, or older than the installed version, is
+/// refused (`DESIGN.md`: devices refuse incompatible or downgraded packages).
 pub fn decide(
     current: Option<&Job>,
     incoming: &UpdateNotification,
@@ -172,6 +174,14 @@ pub fn decide(
     }
     if installed == Some(&manifest.version) {
         return Decision::AlreadyInstalled;
+    }
+    if let Some(installed) = installed
+        && manifest.version < *installed
+    {
+        return Decision::Refuse(format!(
+            "downgrade refused: {} is older than the installed {installed}",
+            manifest.release_id()
+        ));
     }
     Decision::Start
 }
@@ -208,6 +218,7 @@ mod tests {
         let m = crate::manifest::tests::sample(); // sensor-fw 1.2.3 for revB
         let v1 = semver::Version::new(1, 0, 0);
         let same = m.version.clone();
+        let newer = semver::Version::new(2, 0, 0);
         let done = Stage::Finished {
             event: DeviceEvent::Installed,
             detail: None,
@@ -217,6 +228,7 @@ mod tests {
             (None, Some(&v1), "revB", Decision::Start),
             (None, Some(&same), "revB", Decision::AlreadyInstalled),
             (None, None, "revA", Decision::Refuse(String::new())),
+            (None, Some(&newer), "revB", Decision::Refuse(String::new())),
             (
                 Some(job("d1", Stage::Received)),
                 None,
@@ -258,7 +270,10 @@ mod tests {
                 hardware,
             );
             match (&got, &expected) {
-                (Decision::Refuse(reason), Decision::Refuse(_)) => assert!(reason.contains("revA")),
+                (Decision::Refuse(reason), Decision::Refuse(_)) => assert!(
+                    reason.contains("revA") || reason.contains("downgrade"),
+                    "{reason}"
+                ),
                 _ => assert_eq!(got, expected, "{current:?} {installed:?} {hardware}"),
             }
         }

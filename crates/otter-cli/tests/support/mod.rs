@@ -12,7 +12,10 @@ use std::time::{Duration, Instant};
 
 /// Folder holding the workspace's binaries (next to the `otter` test binary).
 pub fn bin_dir() -> PathBuf {
-    Path::new(env!("CARGO_BIN_EXE_otter")).parent().expect("binary has a folder").to_path_buf()
+    Path::new(env!("CARGO_BIN_EXE_otter"))
+        .parent()
+        .expect("binary has a folder")
+        .to_path_buf()
 }
 
 pub fn binary(name: &str) -> PathBuf {
@@ -32,7 +35,10 @@ pub fn wait_for<T>(what: &str, timeout: Duration, mut condition: impl FnMut() ->
         if let Some(value) = condition() {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -55,7 +61,11 @@ impl Process {
             .env("RUST_LOG", "info,otter_server=debug,otter_agent=debug")
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        Process { name: name.to_owned(), child, log }
+        Process {
+            name: name.to_owned(),
+            child,
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -64,7 +74,10 @@ impl Process {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
-        let _ = Command::new("kill").arg("-TERM").arg(self.pid().to_string()).status();
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.pid().to_string())
+            .status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -85,7 +98,12 @@ impl Drop for Process {
         let _ = self.child.kill();
         let _ = self.child.wait();
         if std::thread::panicking() {
-            eprintln!("----- {} ({}) -----\n{}", self.name, self.log.display(), self.log_text());
+            eprintln!(
+                "----- {} ({}) -----\n{}",
+                self.name,
+                self.log.display(),
+                self.log_text()
+            );
         }
     }
 }
@@ -109,23 +127,38 @@ impl Server {
     pub fn start(root: &Path, trusted_signers: &[&Path]) -> Server {
         let data_dir = root.join("server-data");
         let mut command = Command::new(binary("otter-server"));
-        command
-            .arg("--data-dir")
-            .arg(&data_dir)
-            .args(["--api-addr", "127.0.0.1:0", "--device-addr", "127.0.0.1:0", "--mqtt-addr", "127.0.0.1:0"]);
+        command.arg("--data-dir").arg(&data_dir).args([
+            "--api-addr",
+            "127.0.0.1:0",
+            "--device-addr",
+            "127.0.0.1:0",
+            "--mqtt-addr",
+            "127.0.0.1:0",
+        ]);
         for signer in trusted_signers {
             command.arg("--trusted-signer").arg(signer);
         }
         let mut process = Process::spawn("otter-server", &mut command, root);
         let endpoints_file = data_dir.join("endpoints.json");
-        let endpoints = wait_for("the server's endpoints.json", Duration::from_secs(60), || {
-            if let Ok(Some(status)) = process.child.try_wait() {
-                panic!("otter-server exited early ({status}):\n{}", process.log_text());
-            }
-            let text = fs::read_to_string(&endpoints_file).ok()?;
-            serde_json::from_str::<Endpoints>(&text).ok()
-        });
-        Server { process, data_dir, endpoints }
+        let endpoints = wait_for(
+            "the server's endpoints.json",
+            Duration::from_secs(60),
+            || {
+                if let Ok(Some(status)) = process.child.try_wait() {
+                    panic!(
+                        "otter-server exited early ({status}):\n{}",
+                        process.log_text()
+                    );
+                }
+                let text = fs::read_to_string(&endpoints_file).ok()?;
+                serde_json::from_str::<Endpoints>(&text).ok()
+            },
+        );
+        Server {
+            process,
+            data_dir,
+            endpoints,
+        }
     }
 
     pub fn api_url(&self) -> String {
@@ -166,5 +199,9 @@ impl Server {
 
 /// Runs `otter ARGS` with no server (offline commands).
 pub fn otter_offline(args: &[&str]) -> Output {
-    Command::new(binary("otter")).args(args).env_remove("OTTER_TOKEN").output().expect("run otter")
+    Command::new(binary("otter"))
+        .args(args)
+        .env_remove("OTTER_TOKEN")
+        .output()
+        .expect("run otter")
 }

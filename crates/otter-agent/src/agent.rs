@@ -1,0 +1,728 @@
+//! The agent loop: ties the MQTT session, the job state machine of
+//! `otter_proto::job`, the landing zone, the safe-state policy and the
+//! installer together (push-pull steps 1 and 5–8).
+//!
+//! [`Agent`] owns all mutable state: the current [`Job`], the installed
+//! versions, and at most one [`Worker`] task doing the slow part of the
+//! current step (fetch, safe-state wait, install). Workers never touch the
+//! state; they return an outcome, and the loop persists the new stage
+//! (atomically, `state.rs`) *before* it reports it, so the server never hears
+//! of progress a crash could undo.
+//!
+//! Life of a job: notification → `decide` → `Start` persists the job and
+//! reports `received`; a fetch worker downloads, verifies and unpacks into
+//! the landing zone (`downloaded`); a safe-state worker waits for the probe;
+//! the loop persists `Installing` and reports `installing`; an install worker
+//! runs the handler; the loop records the version in `installed.json`, then
+//! the finished job, clears the landing zone, reports `installed`, and
+//! registers again so the server sees the new installed versions.
+//! Any failure finishes the job with `failed` and its reason.
+//!
+//! After every (re)connection the loop publishes the registration and then
+//! the current job's latest report, so an outcome the server missed is heard.
+//! On restart the persisted stage is resumed; a finished job, or a version
+//! already recorded as installed, is never installed again.
+//!
+//! Layout: [`run`] (build everything from the configuration and go), the
+//! [`Agent`] and its event handlers, then the worker tasks.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use ed25519_dalek::VerifyingKey;
+use otter_package::DataKey;
+use otter_proto::job::{Action, Decision, Job, Stage, StepResult, decide};
+use otter_proto::manifest::Manifest;
+use otter_proto::messages::{
+    DeviceEvent, Mode, Registration, ServerMessage, StatusReport, UpdateNotification,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::AgentConfig;
+use crate::download::{DownloadPolicy, Downloader};
+use crate::install::{InstallRequest, Installer, installer_for};
+use crate::landing_zone::LandingZone;
+use crate::mqtt::{MqttEvent, MqttSession, Uplink};
+use crate::safe_state::{SafeStatePolicy, SafeStateProbe, probe_for, wait_for_safe_state};
+use crate::state::{InstalledVersions, StateStore};
+use crate::tls::DeviceTls;
+
+/// How long shutdown waits for the MQTT DISCONNECT to go out.
+const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Runs the agent described by `config` until `shutdown` completes.
+///
+/// Errors are start-up problems (unreadable keys or certificates, an
+/// unusable state folder, a mode this agent does not implement) and failures
+/// to persist state; everything the network or a package does wrong is
+/// reported to the server and logged instead.
+pub async fn run(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<()> {
+    let tls = DeviceTls::load(&config.ca, &config.certificate, &config.private_key)
+        .context("loading the device TLS identity")?;
+    let agent = Agent::new(&config, &tls)?;
+    let (session, events, connection) = MqttSession::start(
+        &config.device_id,
+        &config.mqtt,
+        tls.mqtt_config()
+            .context("building the MQTT TLS configuration")?,
+    );
+    tracing::info!(
+        device = %config.device_id,
+        broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
+        "otter agent starting"
+    );
+    let result = agent.run(events, &session, shutdown).await;
+    session.disconnect();
+    let mut connection = connection;
+    if tokio::time::timeout(DISCONNECT_GRACE, &mut connection)
+        .await
+        .is_err()
+    {
+        connection.abort();
+    }
+    tracing::debug!("agent stopped");
+    result
+}
+
+/// Replaceable parts of an agent, for other handlers and for tests.
+#[derive(Clone)]
+pub struct Handlers {
+    pub installer: Arc<dyn Installer>,
+    pub safe_state: Arc<dyn SafeStateProbe>,
+}
+
+/// The agent's state and the parts it drives. See the module documentation.
+pub struct Agent {
+    hardware: String,
+    mode: Mode,
+    trusted_signers: Vec<VerifyingKey>,
+    store: StateStore,
+    landing_zone: LandingZone,
+    downloader: Downloader,
+    handlers: Handlers,
+    safe_state_policy: SafeStatePolicy,
+    job: Option<Job>,
+    installed: InstalledVersions,
+    worker: Option<Worker>,
+}
+
+/// The task doing the slow part of the current job's step.
+struct Worker {
+    deployment_id: String,
+    kind: WorkKind,
+    cancel: CancellationToken,
+    /// For a fetch: the newest link, read before every download attempt.
+    link: Option<watch::Sender<String>>,
+    handle: JoinHandle<WorkOutcome>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WorkKind {
+    Fetch,
+    AwaitSafeState,
+    Install,
+}
+
+#[derive(Debug)]
+enum WorkOutcome {
+    Done,
+    Failed(String),
+    /// Stopped by shutdown or a replacing job; the stage stays as it was.
+    Cancelled,
+}
+
+impl Agent {
+    /// Loads the signer keys and the persisted state, and sweeps the landing
+    /// zone of folders no job needs. Uses the configured installer and probe.
+    pub fn new(config: &AgentConfig, tls: &DeviceTls) -> anyhow::Result<Agent> {
+        let handlers = Handlers {
+            installer: Arc::from(installer_for(&config.install)),
+            safe_state: Arc::from(probe_for(&config.safe_state.command)),
+        };
+        Agent::with_handlers(config, tls, handlers)
+    }
+
+    /// Like [`Agent::new`] with the given installer and safe-state probe.
+    pub fn with_handlers(
+        config: &AgentConfig,
+        tls: &DeviceTls,
+        handlers: Handlers,
+    ) -> anyhow::Result<Agent> {
+        if config.mode != Mode::PushPull {
+            anyhow::bail!(
+                "mode {} is not implemented by this agent yet; use mode = \"push-pull\"",
+                config.mode.as_str()
+            );
+        }
+        let mut trusted_signers = Vec::new();
+        for path in &config.trusted_signers {
+            let key = otter_package::keys::read_verifying_key(path)
+                .with_context(|| format!("reading trusted signer key {}", path.display()))?;
+            trusted_signers.push(key);
+        }
+        let downloader = Downloader::new(
+            tls.https_config()
+                .context("building the HTTPS TLS configuration")?,
+            DownloadPolicy {
+                max_attempts: config.download.max_attempts,
+                initial_backoff: config.download.initial_backoff,
+                max_backoff: config.download.max_backoff,
+            },
+        )?;
+        let store = StateStore::new(&config.state_dir);
+        let (job, installed) = store
+            .load_or_quarantine()
+            .context("loading the agent state")?;
+        if let Some(job) = &job {
+            tracing::info!(
+                deployment = %job.notification.deployment_id,
+                stage = ?job.stage,
+                "resuming job"
+            );
+        }
+        Ok(Agent {
+            hardware: config.hardware.clone(),
+            mode: config.mode,
+            trusted_signers,
+            store,
+            landing_zone: LandingZone::new(&config.landing_zone),
+            downloader,
+            handlers,
+            safe_state_policy: SafeStatePolicy {
+                initial_backoff: config.safe_state.initial_backoff,
+                max_backoff: config.safe_state.max_backoff,
+                deadline: config.safe_state.deadline,
+            },
+            job,
+            installed,
+            worker: None,
+        })
+    }
+
+    /// The current job, as persisted.
+    pub fn job(&self) -> Option<&Job> {
+        self.job.as_ref()
+    }
+
+    pub fn installed(&self) -> &InstalledVersions {
+        &self.installed
+    }
+
+    /// What the agent announces on every connection.
+    pub fn registration(&self) -> Registration {
+        Registration {
+            protocol: otter_proto::PROTOCOL_VERSION,
+            hardware: self.hardware.clone(),
+            installed: self.installed.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            mode: self.mode,
+            capabilities: vec![
+                self.handlers.installer.name().to_owned(),
+                "range-resume".to_owned(),
+            ],
+        }
+    }
+
+    /// Handles session events and worker outcomes until `shutdown`
+    /// completes or the session ends; then stops the worker (a download is
+    /// resumed next time) and returns.
+    pub async fn run(
+        mut self,
+        mut events: mpsc::Receiver<MqttEvent>,
+        uplink: &dyn Uplink,
+        shutdown: impl Future<Output = ()> + Send,
+    ) -> anyhow::Result<()> {
+        let active = self
+            .job
+            .as_ref()
+            .filter(|job| !job.is_finished())
+            .map(|job| job.notification.deployment_id.clone());
+        if let Err(error) = self.landing_zone.remove_all_except(active.as_deref()).await {
+            tracing::warn!(%error, "cannot sweep the landing zone");
+        }
+        self.schedule(uplink).await?;
+        tokio::pin!(shutdown);
+        let result = loop {
+            tokio::select! {
+                () = &mut shutdown => {
+                    tracing::info!("shutting down");
+                    break Ok(());
+                }
+                event = events.recv() => {
+                    let step = match event {
+                        Some(MqttEvent::Connected) => {
+                            self.on_connected(uplink);
+                            Ok(())
+                        }
+                        Some(MqttEvent::Message(message)) => self.on_message(message, uplink).await,
+                        None => break Err(anyhow::anyhow!("the MQTT session ended")),
+                    };
+                    if let Err(error) = step {
+                        break Err(error);
+                    }
+                }
+                (kind, deployment_id, outcome) = next_outcome(&mut self.worker) => {
+                    self.worker = None;
+                    if let Err(error) = self.on_outcome(kind, &deployment_id, outcome, uplink).await {
+                        break Err(error);
+                    }
+                }
+            }
+        };
+        self.stop_worker().await;
+        result
+    }
+
+    fn on_connected(&self, uplink: &dyn Uplink) {
+        log_queue_error(uplink.register(&self.registration()));
+        if let Some(job) = &self.job {
+            log_queue_error(uplink.report(&job.last_report()));
+        }
+    }
+
+    async fn on_message(
+        &mut self,
+        message: ServerMessage,
+        uplink: &dyn Uplink,
+    ) -> anyhow::Result<()> {
+        match message {
+            ServerMessage::Error(error) => {
+                tracing::warn!(code = %error.code, message = %error.message, "server error");
+                Ok(())
+            }
+            ServerMessage::Update(notification) => self.on_update(notification, uplink).await,
+        }
+    }
+
+    /// Step 5: a notification arrives.
+    async fn on_update(
+        &mut self,
+        notification: UpdateNotification,
+        uplink: &dyn Uplink,
+    ) -> anyhow::Result<()> {
+        let deployment_id = notification.deployment_id.clone();
+        tracing::info!(deployment = %deployment_id, release = %notification.release, "update notification");
+        let refuse = |reason: String| {
+            tracing::warn!(deployment = %deployment_id, %reason, "refusing the update");
+            log_queue_error(uplink.report(&StatusReport {
+                deployment_id: deployment_id.clone(),
+                event: DeviceEvent::Failed,
+                detail: Some(reason),
+            }));
+        };
+        let manifest = match otter_package::sign::verify_manifest(
+            &notification.manifest,
+            &self.trusted_signers,
+        ) {
+            Ok(manifest) => manifest,
+            Err(error) => {
+                refuse(format!("signature check failed: {error}"));
+                return Ok(());
+            }
+        };
+        if notification.release != manifest.release_id() {
+            refuse(format!(
+                "notification names release {:?} but the signed manifest is {}",
+                notification.release,
+                manifest.release_id()
+            ));
+            return Ok(());
+        }
+        if let Err(error) = self.landing_zone.files(&deployment_id) {
+            refuse(error.to_string());
+            return Ok(());
+        }
+
+        let installed = self.installed.get(&manifest.name);
+        match decide(
+            self.job.as_ref(),
+            &notification,
+            &manifest,
+            installed,
+            &self.hardware,
+        ) {
+            Decision::Start => self.start_job(notification, uplink).await?,
+            Decision::RefreshLink => {
+                if let Some(job) = self.job.as_mut() {
+                    job.notification.link = notification.link.clone();
+                    job.notification.link_expires_at = notification.link_expires_at;
+                }
+                self.persist_job().await?;
+                match &self.worker {
+                    Some(Worker {
+                        link: Some(link), ..
+                    }) => {
+                        link.send_replace(notification.link);
+                    }
+                    _ => self.schedule(uplink).await?,
+                }
+            }
+            Decision::Repeat(report) => log_queue_error(uplink.report(&report)),
+            Decision::AlreadyInstalled => log_queue_error(uplink.report(&StatusReport {
+                deployment_id: deployment_id.clone(),
+                event: DeviceEvent::Installed,
+                detail: Some(format!("{} is already installed", manifest.release_id())),
+            })),
+            Decision::Refuse(reason) => refuse(reason),
+            Decision::Defer => {
+                tracing::info!(deployment = %deployment_id, "an install is under way; the notification will come again");
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces the current job (if any, not installing) with a new one.
+    async fn start_job(
+        &mut self,
+        notification: UpdateNotification,
+        uplink: &dyn Uplink,
+    ) -> anyhow::Result<()> {
+        self.stop_worker().await;
+        if let Some(old) = self.job.take() {
+            let old_id = old.notification.deployment_id.clone();
+            if !old.is_finished() {
+                // The server moved on; tell it this deployment will not
+                // complete here, so it does not wait for it forever.
+                let mut old = old;
+                let report = old.advance(StepResult::Failed(format!(
+                    "superseded by deployment {}",
+                    notification.deployment_id
+                )));
+                log_queue_error(uplink.report(&report));
+            }
+            if let Err(error) = self.landing_zone.remove(&old_id).await {
+                tracing::warn!(%error, "cannot clear the landing zone of the replaced job");
+            }
+        }
+        let job = Job::new(notification);
+        let report = job.last_report();
+        self.job = Some(job);
+        self.persist_job().await?;
+        log_queue_error(uplink.report(&report));
+        self.schedule(uplink).await
+    }
+
+    /// Starts the worker the current job's stage needs, if none is running.
+    async fn schedule(&mut self, uplink: &dyn Uplink) -> anyhow::Result<()> {
+        if self.worker.is_some() {
+            return Ok(());
+        }
+        let Some(job) = self.job.clone() else {
+            return Ok(());
+        };
+        let action = job.next_action();
+        if action == Action::Idle {
+            return Ok(());
+        }
+        let manifest = match otter_package::sign::verify_manifest(
+            &job.notification.manifest,
+            &self.trusted_signers,
+        ) {
+            Ok(manifest) => manifest,
+            Err(error) => {
+                // Only possible after a restart with other trusted keys.
+                return self
+                    .finish(
+                        StepResult::Failed(format!("signature check failed: {error}")),
+                        uplink,
+                    )
+                    .await;
+            }
+        };
+        match (action, &job.stage) {
+            (Action::Download, _) => {
+                if job.notification.link_expires_at <= unix_now() {
+                    // Typically after a restart: the server answers our
+                    // registration with a fresh link (RefreshLink).
+                    tracing::info!("download link expired; waiting for a fresh one");
+                    return Ok(());
+                }
+                self.spawn_fetch(&job, manifest);
+            }
+            (Action::Install, Stage::Installing)
+                if self.installed.get(&manifest.name) == Some(&manifest.version) =>
+            {
+                // installed.json was written, the job was not: the install
+                // completed before a crash. Do not run it twice.
+                return self.complete_install(&manifest, uplink).await;
+            }
+            (Action::Install, _) => self.spawn_safe_state_wait(&job),
+            (Action::Idle, _) => {}
+        }
+        Ok(())
+    }
+
+    async fn on_outcome(
+        &mut self,
+        kind: WorkKind,
+        deployment_id: &str,
+        outcome: WorkOutcome,
+        uplink: &dyn Uplink,
+    ) -> anyhow::Result<()> {
+        let Some(job) = self.job.clone() else {
+            return Ok(());
+        };
+        if job.notification.deployment_id != deployment_id {
+            return Ok(());
+        }
+        match outcome {
+            WorkOutcome::Cancelled => Ok(()),
+            WorkOutcome::Failed(reason) => self.finish(StepResult::Failed(reason), uplink).await,
+            WorkOutcome::Done => match kind {
+                WorkKind::Fetch => {
+                    self.advance(StepResult::Downloaded, uplink).await?;
+                    self.schedule(uplink).await
+                }
+                WorkKind::AwaitSafeState => {
+                    if job.stage == Stage::Downloaded {
+                        self.advance(StepResult::InstallStarted, uplink).await?;
+                    }
+                    let manifest = otter_package::sign::verify_manifest(
+                        &job.notification.manifest,
+                        &self.trusted_signers,
+                    );
+                    match manifest {
+                        Ok(manifest)
+                            if self.installed.get(&manifest.name) == Some(&manifest.version) =>
+                        {
+                            self.complete_install(&manifest, uplink).await
+                        }
+                        Ok(manifest) => match self.spawn_install(&job, &manifest) {
+                            Ok(()) => Ok(()),
+                            Err(reason) => self.finish(StepResult::Failed(reason), uplink).await,
+                        },
+                        Err(error) => {
+                            self.finish(
+                                StepResult::Failed(format!("signature check failed: {error}")),
+                                uplink,
+                            )
+                            .await
+                        }
+                    }
+                }
+                WorkKind::Install => {
+                    match otter_package::sign::verify_manifest(
+                        &job.notification.manifest,
+                        &self.trusted_signers,
+                    ) {
+                        Ok(manifest) => self.complete_install(&manifest, uplink).await,
+                        Err(error) => {
+                            self.finish(
+                                StepResult::Failed(format!("signature check failed: {error}")),
+                                uplink,
+                            )
+                            .await
+                        }
+                    }
+                }
+            },
+        }
+    }
+
+    /// Records the version (before anything else), finishes the job, reports
+    /// `installed` and clears the landing zone.
+    async fn complete_install(
+        &mut self,
+        manifest: &Manifest,
+        uplink: &dyn Uplink,
+    ) -> anyhow::Result<()> {
+        self.installed
+            .insert(manifest.name.clone(), manifest.version.clone());
+        let store = self.store.clone();
+        let installed = self.installed.clone();
+        tokio::task::spawn_blocking(move || store.save_installed(&installed))
+            .await
+            .context("state writer task")?
+            .context("persisting the installed versions")?;
+        tracing::info!(release = %manifest.release_id(), "installed");
+        self.finish(StepResult::Installed, uplink).await?;
+        // The installed versions are part of the registration: announce the
+        // new ones now rather than at the next reconnection. After the
+        // report, so the server already knows this deployment is done.
+        log_queue_error(uplink.register(&self.registration()));
+        Ok(())
+    }
+
+    /// Applies a final result: persist, clear the landing zone, report (so
+    /// that once the server hears the outcome, the device holds no leftovers).
+    async fn finish(&mut self, result: StepResult, uplink: &dyn Uplink) -> anyhow::Result<()> {
+        let Some(job) = self.job.as_mut() else {
+            return Ok(());
+        };
+        let report = job.advance(result);
+        self.persist_job().await?;
+        if let Err(error) = self.landing_zone.remove(&report.deployment_id).await {
+            tracing::warn!(%error, "cannot clear the landing zone");
+        }
+        log_queue_error(uplink.report(&report));
+        Ok(())
+    }
+
+    /// Moves the job on, persists it, then reports the new stage.
+    async fn advance(&mut self, result: StepResult, uplink: &dyn Uplink) -> anyhow::Result<()> {
+        let Some(job) = self.job.as_mut() else {
+            return Ok(());
+        };
+        let report = job.advance(result);
+        self.persist_job().await?;
+        log_queue_error(uplink.report(&report));
+        Ok(())
+    }
+
+    async fn persist_job(&self) -> anyhow::Result<()> {
+        let Some(job) = self.job.clone() else {
+            return Ok(());
+        };
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.save_job(&job))
+            .await
+            .context("state writer task")?
+            .context("persisting the job")
+    }
+
+    async fn stop_worker(&mut self) {
+        if let Some(worker) = self.worker.take() {
+            worker.cancel.cancel();
+            // Wait, so that no task still writes the landing zone when the
+            // next one starts (or the process exits).
+            if let Err(error) = worker.handle.await {
+                tracing::warn!(%error, "worker task ended abnormally");
+            }
+        }
+    }
+
+    fn spawn_fetch(&mut self, job: &Job, manifest: Manifest) {
+        let deployment_id = job.notification.deployment_id.clone();
+        let cancel = CancellationToken::new();
+        let (link_sender, link_receiver) = watch::channel(job.notification.link.clone());
+        let data_key = job.notification.data_key.clone();
+        let landing_zone = self.landing_zone.clone();
+        let downloader = self.downloader.clone();
+        let task_cancel = cancel.clone();
+        let task_deployment = deployment_id.clone();
+        let handle = tokio::spawn(async move {
+            let data_key = match DataKey::from_base64(&data_key) {
+                Ok(key) => key,
+                Err(error) => return WorkOutcome::Failed(format!("invalid data key: {error}")),
+            };
+            let files = match landing_zone.prepare(&task_deployment).await {
+                Ok(files) => files,
+                Err(error) => return WorkOutcome::Failed(error.to_string()),
+            };
+            let link = move || link_receiver.borrow().clone();
+            match crate::fetch::fetch(
+                &downloader,
+                &link,
+                &files,
+                &manifest,
+                &data_key,
+                &task_cancel,
+            )
+            .await
+            {
+                Ok(()) => WorkOutcome::Done,
+                Err(error) if error.is_cancelled() => WorkOutcome::Cancelled,
+                Err(error) => WorkOutcome::Failed(error.to_string()),
+            }
+        });
+        self.worker = Some(Worker {
+            deployment_id,
+            kind: WorkKind::Fetch,
+            cancel,
+            link: Some(link_sender),
+            handle,
+        });
+    }
+
+    fn spawn_safe_state_wait(&mut self, job: &Job) {
+        let cancel = CancellationToken::new();
+        let probe = self.handlers.safe_state.clone();
+        let policy = self.safe_state_policy.clone();
+        let task_cancel = cancel.clone();
+        let handle = tokio::spawn(async move {
+            match wait_for_safe_state(probe.as_ref(), &policy, &task_cancel).await {
+                Ok(()) => WorkOutcome::Done,
+                Err(crate::safe_state::SafeStateError::Cancelled) => WorkOutcome::Cancelled,
+                Err(error) => WorkOutcome::Failed(error.to_string()),
+            }
+        });
+        self.worker = Some(Worker {
+            deployment_id: job.notification.deployment_id.clone(),
+            kind: WorkKind::AwaitSafeState,
+            cancel,
+            link: None,
+            handle,
+        });
+    }
+
+    /// Starts the installer; `Err` when the payload path cannot be formed.
+    fn spawn_install(&mut self, job: &Job, manifest: &Manifest) -> Result<(), String> {
+        let deployment_id = job.notification.deployment_id.clone();
+        let payload = self
+            .landing_zone
+            .files(&deployment_id)
+            .map_err(|e| e.to_string())?
+            .payload;
+        let request = InstallRequest {
+            deployment_id: deployment_id.clone(),
+            name: manifest.name.clone(),
+            version: manifest.version.clone(),
+            kind: manifest.kind,
+            payload,
+        };
+        let installer = self.handlers.installer.clone();
+        let cancel = CancellationToken::new();
+        let task_cancel = cancel.clone();
+        tracing::info!(release = %manifest.release_id(), handler = installer.name(), "installing");
+        let handle = tokio::spawn(async move {
+            tokio::select! {
+                result = installer.install(&request) => match result {
+                    Ok(()) => WorkOutcome::Done,
+                    Err(error) => WorkOutcome::Failed(format!("install failed: {error}")),
+                },
+                // Stage Installing is persisted: the next start installs again.
+                () = task_cancel.cancelled() => WorkOutcome::Cancelled,
+            }
+        });
+        self.worker = Some(Worker {
+            deployment_id,
+            kind: WorkKind::Install,
+            cancel,
+            link: None,
+            handle,
+        });
+        Ok(())
+    }
+}
+
+/// The next worker outcome; pending forever when no worker runs.
+async fn next_outcome(worker: &mut Option<Worker>) -> (WorkKind, String, WorkOutcome) {
+    let Some(worker) = worker.as_mut() else {
+        return std::future::pending().await;
+    };
+    let outcome = match (&mut worker.handle).await {
+        Ok(outcome) => outcome,
+        Err(error) => WorkOutcome::Failed(format!("internal error in the worker: {error}")),
+    };
+    (worker.kind, worker.deployment_id.clone(), outcome)
+}
+
+fn log_queue_error(result: Result<(), crate::mqtt::MqttError>) {
+    if let Err(error) = result {
+        tracing::warn!(%error, "message not queued; it is repeated after the next connection");
+    }
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}

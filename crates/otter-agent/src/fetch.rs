@@ -1,0 +1,138 @@
+//! Step 6 end to end: download the artifact into the landing zone, check it,
+//! decrypt and decompress it into the payload.
+//!
+//! Order matters: the artifact's size and SHA-256 are checked against the
+//! signed manifest before a single byte is decrypted, and a mismatching file
+//! is deleted, so a tampered download is never unpacked nor installed. The
+//! unpack streams `artifact.part` → `payload.tmp` (bounded memory, checks the
+//! plaintext size and hash) and renames `payload.tmp` → `payload` only when
+//! it is complete.
+
+use std::io::{BufReader, BufWriter, Read};
+
+use otter_package::DataKey;
+use otter_proto::manifest::Manifest;
+use tokio_util::sync::CancellationToken;
+
+use crate::download::{DownloadError, Downloader};
+use crate::landing_zone::DeploymentFiles;
+use crate::state::sync_dir;
+
+/// Why the payload did not land.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    #[error(transparent)]
+    Download(#[from] DownloadError),
+    /// The downloaded artifact is not the one the manifest signs.
+    #[error("hash mismatch: the downloaded artifact does not match the signed manifest")]
+    HashMismatch,
+    #[error("cannot unpack the artifact: {0}")]
+    Unpack(otter_package::PackageError),
+    #[error("landing zone: {0}")]
+    Local(std::io::Error),
+    #[error("fetch cancelled")]
+    Cancelled,
+}
+
+impl FetchError {
+    /// Whether the job should simply be resumed later (shutdown, replaced).
+    pub fn is_cancelled(&self) -> bool {
+        matches!(
+            self,
+            FetchError::Cancelled | FetchError::Download(DownloadError::Cancelled)
+        )
+    }
+}
+
+/// Downloads, verifies and unpacks one artifact into `files.payload`.
+pub async fn fetch(
+    downloader: &Downloader,
+    link: &(dyn Fn() -> String + Send + Sync),
+    files: &DeploymentFiles,
+    manifest: &Manifest,
+    data_key: &DataKey,
+    cancel: &CancellationToken,
+) -> Result<(), FetchError> {
+    downloader
+        .download(link, &files.artifact_part, manifest.artifact.size, cancel)
+        .await?;
+
+    let artifact_part = files.artifact_part.clone();
+    let digest =
+        tokio::task::spawn_blocking(move || otter_package::pipeline::hash_file(&artifact_part))
+            .await
+            .map_err(|e| FetchError::Local(std::io::Error::other(e)))?
+            .map_err(FetchError::Unpack)?;
+    if digest != manifest.artifact {
+        tracing::warn!(
+            expected = ?manifest.artifact,
+            actual = ?digest,
+            "downloaded artifact does not match the manifest; deleting it"
+        );
+        remove_if_present(&files.artifact_part).map_err(FetchError::Local)?;
+        return Err(FetchError::HashMismatch);
+    }
+
+    let files = files.clone();
+    let manifest = manifest.clone();
+    let data_key = data_key.clone();
+    let cancel = cancel.clone();
+    tokio::task::spawn_blocking(move || unpack_blocking(&files, &manifest, &data_key, &cancel))
+        .await
+        .map_err(|e| FetchError::Local(std::io::Error::other(e)))?
+}
+
+fn unpack_blocking(
+    files: &DeploymentFiles,
+    manifest: &Manifest,
+    data_key: &DataKey,
+    cancel: &CancellationToken,
+) -> Result<(), FetchError> {
+    let artifact = std::fs::File::open(&files.artifact_part).map_err(FetchError::Local)?;
+    let mut reader = CancellableReader {
+        inner: BufReader::new(artifact),
+        cancel,
+    };
+    let output = std::fs::File::create(&files.payload_tmp).map_err(FetchError::Local)?;
+    let mut writer = BufWriter::new(output);
+    let unpacked = otter_package::pipeline::unpack(&mut reader, manifest, data_key, &mut writer);
+    if let Err(error) = unpacked {
+        drop(writer);
+        let _ = std::fs::remove_file(&files.payload_tmp);
+        return Err(if cancel.is_cancelled() {
+            FetchError::Cancelled
+        } else {
+            FetchError::Unpack(error)
+        });
+    }
+    let output = writer
+        .into_inner()
+        .map_err(|e| FetchError::Local(e.into_error()))?;
+    output.sync_all().map_err(FetchError::Local)?;
+    drop(output);
+    std::fs::rename(&files.payload_tmp, &files.payload).map_err(FetchError::Local)?;
+    sync_dir(&files.dir).map_err(FetchError::Local)?;
+    Ok(())
+}
+
+/// Lets a shutdown or a replaced job stop an unpack between two reads.
+struct CancellableReader<'a, R> {
+    inner: R,
+    cancel: &'a CancellationToken,
+}
+
+impl<R: Read> Read for CancellableReader<'_, R> {
+    fn read(&mut self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        if self.cancel.is_cancelled() {
+            return Err(std::io::Error::other("cancelled"));
+        }
+        self.inner.read(buffer)
+    }
+}
+
+fn remove_if_present(path: &std::path::Path) -> std::io::Result<()> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}

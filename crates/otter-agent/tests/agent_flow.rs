@@ -1,0 +1,682 @@
+//! The agent loop (steps 5–8) without a broker: session events are fed in
+//! through the channel the MQTT task would use, reports are recorded by a
+//! fake uplink, and the artifact comes from a real HTTPS server with mutual
+//! TLS. Packages are built and signed with `otter-package`, so signature,
+//! hash, decryption and decompression are the real ones.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::future::BoxFuture;
+use otter_agent::install::{FileInstaller, InstallError, InstallRequest, Installer};
+use otter_agent::mqtt::{MqttError, MqttEvent, Uplink};
+use otter_agent::safe_state::{SafeStateError, SafeStateProbe};
+use otter_agent::{Agent, AgentConfig, Handlers};
+use otter_proto::job::{Job, Stage};
+use otter_proto::manifest::{PackageKind, SignedManifest};
+use otter_proto::messages::{
+    DeviceEvent, Registration, ServerMessage, StatusReport, UpdateNotification,
+};
+use support::{Answer, Pki, TestServer, pseudo_random_bytes, wait_until};
+use tokio::sync::{mpsc, oneshot};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Records what the agent publishes.
+#[derive(Default)]
+struct Recorder {
+    registrations: Mutex<Vec<Registration>>,
+    reports: Mutex<Vec<StatusReport>>,
+}
+
+impl Uplink for Recorder {
+    fn register(&self, registration: &Registration) -> Result<(), MqttError> {
+        self.registrations
+            .lock()
+            .unwrap()
+            .push(registration.clone());
+        Ok(())
+    }
+    fn report(&self, report: &StatusReport) -> Result<(), MqttError> {
+        self.reports.lock().unwrap().push(report.clone());
+        Ok(())
+    }
+}
+
+impl Recorder {
+    fn events(&self, deployment: &str) -> Vec<DeviceEvent> {
+        self.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.deployment_id == deployment)
+            .map(|r| r.event)
+            .collect()
+    }
+    fn last(&self, deployment: &str) -> Option<StatusReport> {
+        self.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|r| r.deployment_id == deployment)
+            .cloned()
+    }
+    fn has(&self, deployment: &str, event: DeviceEvent) -> bool {
+        self.events(deployment).contains(&event)
+    }
+}
+
+/// A probe the test opens and closes.
+struct Gate(AtomicBool);
+
+impl SafeStateProbe for Gate {
+    fn is_safe(&self) -> BoxFuture<'_, Result<bool, SafeStateError>> {
+        let open = self.0.load(Ordering::SeqCst);
+        Box::pin(async move { Ok(open) })
+    }
+}
+
+/// The file installer, counting its runs.
+struct Counting {
+    inner: FileInstaller,
+    runs: AtomicUsize,
+}
+
+impl Installer for Counting {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+    fn install<'a>(
+        &'a self,
+        request: &'a InstallRequest,
+    ) -> BoxFuture<'a, Result<(), InstallError>> {
+        self.runs.fetch_add(1, Ordering::SeqCst);
+        self.inner.install(request)
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    pki: Pki,
+    signing_key: ed25519_dalek::SigningKey,
+    payload: Vec<u8>,
+    signed: SignedManifest,
+    data_key: String,
+    artifact: Vec<u8>,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_owned();
+        let pki = Pki::create(&root);
+        std::fs::create_dir(root.join("signers")).unwrap();
+        let key_path = root.join("signers/signer-1");
+        otter_package::keys::generate_key_pair(&key_path).unwrap();
+        let signing_key = otter_package::keys::read_signing_key(&key_path).unwrap();
+        let payload = pseudo_random_bytes(300_000, 9);
+        let (signed, data_key, artifact) = build(&signing_key, &payload, "1.0.0", &root);
+        let fixture = Fixture {
+            _dir: dir,
+            root,
+            pki,
+            signing_key,
+            payload,
+            signed,
+            data_key,
+            artifact,
+        };
+        fixture.write_config("revB");
+        fixture
+    }
+
+    fn write_config(&self, hardware: &str) {
+        let text = format!(
+            r#"
+device_id = "dev-1"
+hardware = "{hardware}"
+mqtt_url = "mqtts://127.0.0.1:8883"
+device_url = "https://127.0.0.1:8443"
+ca = "ca.crt"
+certificate = "device.crt"
+private_key = "device.key"
+trusted_signers = ["signers/signer-1.pub"]
+
+[safe_state]
+initial_backoff = "10ms"
+max_backoff = "50ms"
+
+[download]
+max_attempts = 3
+initial_backoff = "10ms"
+max_backoff = "50ms"
+"#
+        );
+        std::fs::write(self.root.join("agent.toml"), text).unwrap();
+    }
+
+    fn config(&self) -> AgentConfig {
+        AgentConfig::load(&self.root.join("agent.toml")).unwrap()
+    }
+
+    fn notification(&self, deployment: &str, link: &str) -> UpdateNotification {
+        UpdateNotification {
+            deployment_id: deployment.into(),
+            release: "sensor-fw@1.0.0".into(),
+            manifest: self.signed.clone(),
+            link: link.into(),
+            link_expires_at: unix_now() + 3600,
+            data_key: self.data_key.clone(),
+        }
+    }
+
+    fn installed_file(&self) -> PathBuf {
+        self.root.join("installed/sensor-fw")
+    }
+
+    fn landing(&self, deployment: &str) -> PathBuf {
+        self.root.join("landing").join(deployment)
+    }
+
+    fn persisted_job(&self) -> Option<Job> {
+        otter_agent::state::StateStore::new(self.root.join("state"))
+            .load_job()
+            .unwrap()
+    }
+}
+
+/// Builds a signed package and splits it into manifest, data key, artifact.
+fn build(
+    key: &ed25519_dalek::SigningKey,
+    payload: &[u8],
+    version: &str,
+    scratch: &Path,
+) -> (SignedManifest, String, Vec<u8>) {
+    let options = otter_package::format::BuildOptions::new(
+        "sensor-fw",
+        semver::Version::parse(version).unwrap(),
+        PackageKind::Firmware,
+        vec!["revB".into()],
+    );
+    let mut package = Vec::new();
+    otter_package::format::build_package(&mut &payload[..], &mut package, key, &options, scratch)
+        .unwrap();
+    let mut reader = &package[..];
+    let header = otter_package::format::read_header(&mut reader).unwrap();
+    (
+        header.signed_manifest,
+        header.data_key.to_base64(),
+        reader.to_vec(),
+    )
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+/// A running agent loop and the handles to drive it.
+struct Running {
+    events: mpsc::Sender<MqttEvent>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    fn start(agent: Agent, uplink: Arc<Recorder>) -> Running {
+        let (events, receiver) = mpsc::channel(16);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            agent
+                .run(receiver, uplink.as_ref(), async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Running {
+            events,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    async fn send(&self, event: MqttEvent) {
+        self.events.send(event).await.unwrap();
+    }
+
+    async fn update(&self, notification: UpdateNotification) {
+        self.send(MqttEvent::Message(ServerMessage::Update(notification)))
+            .await;
+    }
+
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("agent stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn always_open() -> Arc<Gate> {
+    Arc::new(Gate(AtomicBool::new(true)))
+}
+
+fn handlers(fixture: &Fixture, gate: Arc<Gate>) -> (Handlers, Arc<Counting>) {
+    let installer = Arc::new(Counting {
+        inner: FileInstaller::new(fixture.root.join("installed")),
+        runs: AtomicUsize::new(0),
+    });
+    (
+        Handlers {
+            installer: installer.clone(),
+            safe_state: gate,
+        },
+        installer,
+    )
+}
+
+fn serve_everything() -> impl Fn(usize, Option<u64>) -> Answer + Send + Sync + 'static {
+    |_, _| Answer::Body {
+        honour_range: true,
+        cut_after: None,
+    }
+}
+
+#[tokio::test]
+async fn full_cycle_installs_reports_in_order_and_repeats_on_reconnect() {
+    let fixture = Fixture::new();
+    let server =
+        TestServer::start(&fixture.pki, fixture.artifact.clone(), serve_everything()).await;
+    let config = fixture.config();
+    let (handlers, installer) = handlers(&fixture, always_open());
+    let agent = Agent::with_handlers(&config, &fixture.pki.device_tls(), handlers).unwrap();
+    let uplink = Arc::new(Recorder::default());
+    let running = Running::start(agent, uplink.clone());
+
+    running.send(MqttEvent::Connected).await;
+    wait_until("registration", WAIT, || {
+        !uplink.registrations.lock().unwrap().is_empty()
+    })
+    .await;
+    {
+        let registrations = uplink.registrations.lock().unwrap();
+        let registration = &registrations[0];
+        assert_eq!(registration.hardware, "revB");
+        assert!(registration.installed.is_empty());
+        assert_eq!(registration.agent_version, env!("CARGO_PKG_VERSION"));
+        assert!(registration.capabilities.contains(&"file".to_string()));
+        assert!(
+            registration
+                .capabilities
+                .contains(&"range-resume".to_string())
+        );
+    }
+
+    running
+        .update(fixture.notification("dep-1", &server.url("/v1/download/t1")))
+        .await;
+    wait_until("installed", WAIT, || {
+        uplink.has("dep-1", DeviceEvent::Installed)
+    })
+    .await;
+    assert_eq!(
+        uplink.events("dep-1"),
+        vec![
+            DeviceEvent::Received,
+            DeviceEvent::Downloaded,
+            DeviceEvent::Installing,
+            DeviceEvent::Installed
+        ]
+    );
+    assert!(std::fs::read(fixture.installed_file()).unwrap() == fixture.payload);
+    assert!(
+        !fixture.landing("dep-1").exists(),
+        "landing zone not cleared"
+    );
+    let installed = otter_agent::state::StateStore::new(fixture.root.join("state"))
+        .load_installed()
+        .unwrap();
+    assert_eq!(installed["sensor-fw"], semver::Version::new(1, 0, 0));
+    assert!(matches!(
+        fixture.persisted_job().unwrap().stage,
+        Stage::Finished {
+            event: DeviceEvent::Installed,
+            ..
+        }
+    ));
+
+    // The same notification again only repeats the outcome.
+    running
+        .update(fixture.notification("dep-1", &server.url("/v1/download/t1")))
+        .await;
+    wait_until("repeat", WAIT, || uplink.events("dep-1").len() == 5).await;
+    assert_eq!(uplink.last("dep-1").unwrap().event, DeviceEvent::Installed);
+
+    // The install is followed by a registration with the new version.
+    wait_until("registration after install", WAIT, || {
+        uplink.registrations.lock().unwrap().len() == 2
+    })
+    .await;
+    assert_eq!(
+        uplink.registrations.lock().unwrap()[1].installed["sensor-fw"],
+        semver::Version::new(1, 0, 0)
+    );
+
+    // A reconnection registers again, then repeats the report.
+    running.send(MqttEvent::Connected).await;
+    wait_until("third registration", WAIT, || {
+        uplink.registrations.lock().unwrap().len() == 3 && uplink.events("dep-1").len() == 6
+    })
+    .await;
+    assert_eq!(uplink.last("dep-1").unwrap().event, DeviceEvent::Installed);
+
+    // Another deployment of the installed version is reported, not installed.
+    running
+        .update(fixture.notification("dep-2", &server.url("/v1/download/t2")))
+        .await;
+    wait_until("already installed", WAIT, || {
+        uplink.has("dep-2", DeviceEvent::Installed)
+    })
+    .await;
+    assert!(
+        uplink
+            .last("dep-2")
+            .unwrap()
+            .detail
+            .unwrap()
+            .contains("already installed")
+    );
+
+    running.stop().await;
+    assert_eq!(installer.runs.load(Ordering::SeqCst), 1);
+    assert_eq!(server.seen().len(), 1, "{:?}", server.seen());
+}
+
+#[tokio::test]
+async fn a_tampered_artifact_is_never_installed() {
+    let fixture = Fixture::new();
+    let mut tampered = fixture.artifact.clone();
+    let middle = tampered.len() / 2;
+    tampered[middle] ^= 0x01;
+    let server = TestServer::start(&fixture.pki, tampered, serve_everything()).await;
+    let (handlers, installer) = handlers(&fixture, always_open());
+    let agent =
+        Agent::with_handlers(&fixture.config(), &fixture.pki.device_tls(), handlers).unwrap();
+    let uplink = Arc::new(Recorder::default());
+    let running = Running::start(agent, uplink.clone());
+    running
+        .update(fixture.notification("dep-1", &server.url("/a")))
+        .await;
+    wait_until("failure", WAIT, || uplink.has("dep-1", DeviceEvent::Failed)).await;
+    assert_eq!(
+        uplink.events("dep-1"),
+        vec![DeviceEvent::Received, DeviceEvent::Failed]
+    );
+    let detail = uplink.last("dep-1").unwrap().detail.unwrap();
+    assert!(detail.contains("hash mismatch"), "{detail}");
+    running.stop().await;
+    assert_eq!(installer.runs.load(Ordering::SeqCst), 0);
+    assert!(!fixture.installed_file().exists());
+    assert!(!fixture.landing("dep-1").exists());
+}
+
+#[tokio::test]
+async fn a_bad_signature_is_refused_before_any_download() {
+    let fixture = Fixture::new();
+    let server =
+        TestServer::start(&fixture.pki, fixture.artifact.clone(), serve_everything()).await;
+    let agent = Agent::with_handlers(
+        &fixture.config(),
+        &fixture.pki.device_tls(),
+        handlers(&fixture, always_open()).0,
+    )
+    .unwrap();
+    let uplink = Arc::new(Recorder::default());
+    let running = Running::start(agent, uplink.clone());
+
+    // The manifest text altered after signing (a larger declared size).
+    let mut forged = fixture.notification("dep-forged", &server.url("/a"));
+    forged.manifest.manifest = forged
+        .manifest
+        .manifest
+        .replacen("\"size\":", "\"size\":1", 1);
+    running.update(forged).await;
+    // A package signed by a key the device does not trust.
+    let stranger = ed25519_dalek::SigningKey::from_bytes(&[7; 32]);
+    let (signed, data_key, _) = build(&stranger, b"evil", "1.0.0", &fixture.root);
+    let mut untrusted = fixture.notification("dep-stranger", &server.url("/a"));
+    untrusted.manifest = signed;
+    untrusted.data_key = data_key;
+    running.update(untrusted).await;
+
+    for deployment in ["dep-forged", "dep-stranger"] {
+        wait_until(deployment, WAIT, || {
+            uplink.has(deployment, DeviceEvent::Failed)
+        })
+        .await;
+        let detail = uplink.last(deployment).unwrap().detail.unwrap();
+        assert!(detail.contains("signature check failed"), "{detail}");
+        assert_eq!(uplink.events(deployment), vec![DeviceEvent::Failed]);
+    }
+    running.stop().await;
+    assert!(
+        server.seen().is_empty(),
+        "downloaded despite a bad signature"
+    );
+    assert_eq!(fixture.persisted_job(), None);
+    let _ = &fixture.signing_key;
+}
+
+#[tokio::test]
+async fn incompatible_hardware_and_downgrades_are_refused() {
+    let fixture = Fixture::new();
+    fixture.write_config("revA");
+    let server =
+        TestServer::start(&fixture.pki, fixture.artifact.clone(), serve_everything()).await;
+    let agent = Agent::with_handlers(
+        &fixture.config(),
+        &fixture.pki.device_tls(),
+        handlers(&fixture, always_open()).0,
+    )
+    .unwrap();
+    let uplink = Arc::new(Recorder::default());
+    let running = Running::start(agent, uplink.clone());
+    running
+        .update(fixture.notification("dep-1", &server.url("/a")))
+        .await;
+    wait_until("refusal", WAIT, || uplink.has("dep-1", DeviceEvent::Failed)).await;
+    let detail = uplink.last("dep-1").unwrap().detail.unwrap();
+    assert!(detail.contains("revA"), "{detail}");
+    running.stop().await;
+
+    // revB device with 2.0.0 installed refuses 1.0.0.
+    fixture.write_config("revB");
+    otter_agent::state::StateStore::new(fixture.root.join("state"))
+        .save_installed(&[("sensor-fw".to_string(), semver::Version::new(2, 0, 0))].into())
+        .unwrap();
+    let agent = Agent::with_handlers(
+        &fixture.config(),
+        &fixture.pki.device_tls(),
+        handlers(&fixture, always_open()).0,
+    )
+    .unwrap();
+    let running = Running::start(agent, uplink.clone());
+    running
+        .update(fixture.notification("dep-2", &server.url("/a")))
+        .await;
+    wait_until("downgrade refusal", WAIT, || {
+        uplink.has("dep-2", DeviceEvent::Failed)
+    })
+    .await;
+    let detail = uplink.last("dep-2").unwrap().detail.unwrap();
+    assert!(detail.contains("downgrade"), "{detail}");
+    running.stop().await;
+    assert!(server.seen().is_empty());
+}
+
+#[tokio::test]
+async fn a_restart_resumes_from_the_landing_zone_and_installs_once() {
+    let fixture = Fixture::new();
+    let server =
+        TestServer::start(&fixture.pki, fixture.artifact.clone(), serve_everything()).await;
+    let gate = Arc::new(Gate(AtomicBool::new(false)));
+    let (handlers_closed, installer) = handlers(&fixture, gate.clone());
+    let uplink = Arc::new(Recorder::default());
+
+    // First run: downloaded, then stuck waiting for a safe state; stopped.
+    let agent = Agent::with_handlers(
+        &fixture.config(),
+        &fixture.pki.device_tls(),
+        handlers_closed.clone(),
+    )
+    .unwrap();
+    let running = Running::start(agent, uplink.clone());
+    running
+        .update(fixture.notification("dep-1", &server.url("/a")))
+        .await;
+    wait_until("downloaded", WAIT, || {
+        uplink.has("dep-1", DeviceEvent::Downloaded)
+    })
+    .await;
+    running.stop().await;
+    assert_eq!(fixture.persisted_job().unwrap().stage, Stage::Downloaded);
+    assert!(fixture.landing("dep-1").join("payload").exists());
+    assert!(!fixture.installed_file().exists());
+
+    // Second run: the device is safe now; the job resumes without a notification.
+    gate.0.store(true, Ordering::SeqCst);
+    let agent = Agent::with_handlers(
+        &fixture.config(),
+        &fixture.pki.device_tls(),
+        handlers_closed.clone(),
+    )
+    .unwrap();
+    let running = Running::start(agent, uplink.clone());
+    running.send(MqttEvent::Connected).await;
+    wait_until("installed", WAIT, || {
+        uplink.has("dep-1", DeviceEvent::Installed)
+    })
+    .await;
+    running.stop().await;
+    assert!(std::fs::read(fixture.installed_file()).unwrap() == fixture.payload);
+
+    // Third run: nothing to do but repeat the outcome, after the
+    // registration and when the notification comes again.
+    let agent = Agent::with_handlers(
+        &fixture.config(),
+        &fixture.pki.device_tls(),
+        handlers_closed,
+    )
+    .unwrap();
+    let running = Running::start(agent, uplink.clone());
+    let reports_before = uplink.events("dep-1").len();
+    running.send(MqttEvent::Connected).await;
+    running
+        .update(fixture.notification("dep-1", &server.url("/a")))
+        .await;
+    wait_until("two repeats", WAIT, || {
+        uplink.events("dep-1").len() == reports_before + 2
+    })
+    .await;
+    running.stop().await;
+
+    assert_eq!(
+        installer.runs.load(Ordering::SeqCst),
+        1,
+        "installed more than once"
+    );
+    assert_eq!(server.seen().len(), 1, "downloaded more than once");
+    assert!(!fixture.root.join("installed/sensor-fw.previous").exists());
+    let events = uplink.events("dep-1");
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| **e == DeviceEvent::Installing)
+            .count(),
+        1
+    );
+    assert_eq!(events.last(), Some(&DeviceEvent::Installed));
+}
+
+#[tokio::test]
+async fn an_expired_link_waits_for_a_refresh() {
+    let fixture = Fixture::new();
+    let server =
+        TestServer::start(&fixture.pki, fixture.artifact.clone(), serve_everything()).await;
+    let agent = Agent::with_handlers(
+        &fixture.config(),
+        &fixture.pki.device_tls(),
+        handlers(&fixture, always_open()).0,
+    )
+    .unwrap();
+    let uplink = Arc::new(Recorder::default());
+    let running = Running::start(agent, uplink.clone());
+    let mut stale = fixture.notification("dep-1", &server.url("/old"));
+    stale.link_expires_at = unix_now() - 60;
+    running.update(stale).await;
+    wait_until("received", WAIT, || {
+        uplink.has("dep-1", DeviceEvent::Received)
+    })
+    .await;
+    running
+        .update(fixture.notification("dep-1", &server.url("/fresh")))
+        .await;
+    wait_until("installed", WAIT, || {
+        uplink.has("dep-1", DeviceEvent::Installed)
+    })
+    .await;
+    running.stop().await;
+    let paths: Vec<String> = server.seen().into_iter().map(|r| r.path).collect();
+    assert_eq!(paths, vec!["/fresh".to_string()]);
+}
+
+#[tokio::test]
+async fn a_gone_link_fails_the_job_once() {
+    let fixture = Fixture::new();
+    let server = TestServer::start(&fixture.pki, Vec::new(), |_, _| Answer::Status(410)).await;
+    let agent = Agent::with_handlers(
+        &fixture.config(),
+        &fixture.pki.device_tls(),
+        handlers(&fixture, always_open()).0,
+    )
+    .unwrap();
+    let uplink = Arc::new(Recorder::default());
+    let running = Running::start(agent, uplink.clone());
+    running
+        .update(fixture.notification("dep-1", &server.url("/revoked")))
+        .await;
+    wait_until("failure", WAIT, || uplink.has("dep-1", DeviceEvent::Failed)).await;
+    running.stop().await;
+    let detail = uplink.last("dep-1").unwrap().detail.unwrap();
+    assert!(detail.contains("410"), "{detail}");
+    assert_eq!(server.seen().len(), 1);
+}
+
+#[tokio::test]
+async fn a_corrupt_job_file_starts_the_agent_idle() {
+    let fixture = Fixture::new();
+    let state = fixture.root.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    std::fs::write(state.join("job.json"), b"{ not json").unwrap();
+    let agent = Agent::with_handlers(
+        &fixture.config(),
+        &fixture.pki.device_tls(),
+        handlers(&fixture, always_open()).0,
+    )
+    .unwrap();
+    assert_eq!(agent.job(), None);
+    assert!(state.join("job.json.corrupt").exists());
+    assert!(!state.join("job.json").exists());
+}

@@ -1,0 +1,290 @@
+//! Test fixtures shared by the integration tests: a throw-away PKI (CA,
+//! server certificate for 127.0.0.1, device certificate for `dev-1`) written
+//! to files, and a small HTTPS server on 127.0.0.1:0 that demands the client
+//! certificate, records every request, and answers as a test script says
+//! (serve a range, ignore it, cut the connection after K bytes, answer a
+//! status).
+//!
+//! The server speaks just enough HTTP/1.1 by hand (one request per
+//! connection, `Connection: close`) so a test controls every byte.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
+
+pub fn install_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+/// Files and server configuration of a test PKI.
+pub struct Pki {
+    pub ca: PathBuf,
+    pub certificate: PathBuf,
+    pub private_key: PathBuf,
+    pub server_config: Arc<rustls::ServerConfig>,
+}
+
+impl Pki {
+    pub fn create(dir: &Path) -> Pki {
+        install_provider();
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params
+            .distinguished_name
+            .push(DnType::CommonName, "otter test ca");
+        let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+
+        let server_key = KeyPair::generate().unwrap();
+        let server_params = CertificateParams::new(vec!["127.0.0.1".to_string()]).unwrap();
+        let server_cert = server_params.signed_by(&server_key, &ca).unwrap();
+
+        let device_key = KeyPair::generate().unwrap();
+        let mut device_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        device_params
+            .distinguished_name
+            .push(DnType::CommonName, "dev-1");
+        let device_cert = device_params.signed_by(&device_key, &ca).unwrap();
+
+        let pki = Pki {
+            ca: dir.join("ca.crt"),
+            certificate: dir.join("device.crt"),
+            private_key: dir.join("device.key"),
+            server_config: Arc::new({
+                let mut roots = rustls::RootCertStore::empty();
+                roots.add(ca.der().clone()).unwrap();
+                let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider.clone(),
+                )
+                .build()
+                .unwrap();
+                rustls::ServerConfig::builder_with_provider(provider)
+                    .with_safe_default_protocol_versions()
+                    .unwrap()
+                    .with_client_cert_verifier(verifier)
+                    .with_single_cert(
+                        vec![server_cert.der().clone(), ca.der().clone()],
+                        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(server_key.serialize_der())),
+                    )
+                    .unwrap()
+            }),
+        };
+        std::fs::write(&pki.ca, ca.pem()).unwrap();
+        std::fs::write(&pki.certificate, device_cert.pem()).unwrap();
+        std::fs::write(&pki.private_key, device_key.serialize_pem()).unwrap();
+        pki
+    }
+
+    pub fn device_tls(&self) -> otter_agent::tls::DeviceTls {
+        otter_agent::tls::DeviceTls::load(&self.ca, &self.certificate, &self.private_key).unwrap()
+    }
+}
+
+/// How the server answers one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    /// Serve the body: honour a Range as 206 when `honour_range`, else 200
+    /// with everything; stop after `cut_after` body bytes and drop the
+    /// connection (headers still announce the full length).
+    Body {
+        honour_range: bool,
+        cut_after: Option<usize>,
+    },
+    /// 206 starting at this byte whatever was asked.
+    PartialFrom(u64),
+    /// Only a status line, no body.
+    Status(u16),
+}
+
+/// One request the server saw.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SeenRequest {
+    pub path: String,
+    /// The `N` of `Range: bytes=N-`.
+    pub range_start: Option<u64>,
+    /// Whether the client presented a certificate.
+    pub client_certificate: bool,
+}
+
+type Script = dyn Fn(usize, Option<u64>) -> Answer + Send + Sync;
+
+pub struct TestServer {
+    pub base_url: String,
+    pub requests: Arc<Mutex<Vec<SeenRequest>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl TestServer {
+    /// Serves `body`; `script(request_index, range_start)` chooses the answer.
+    pub async fn start(
+        pki: &Pki,
+        body: Vec<u8>,
+        script: impl Fn(usize, Option<u64>) -> Answer + Send + Sync + 'static,
+    ) -> TestServer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(pki.server_config.clone());
+        let requests: Arc<Mutex<Vec<SeenRequest>>> = Arc::default();
+        let body = Arc::new(body);
+        let script: Arc<Script> = Arc::new(script);
+        let seen = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let acceptor = acceptor.clone();
+                let body = body.clone();
+                let script = script.clone();
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let Ok(Ok(tls)) =
+                        tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await
+                    else {
+                        return;
+                    };
+                    let _ = serve(tls, &body, script.as_ref(), &seen).await;
+                });
+            }
+        });
+        TestServer {
+            base_url: format!("https://{address}"),
+            requests,
+            task,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base_url)
+    }
+
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.requests.lock().unwrap().clone()
+    }
+}
+
+async fn serve(
+    mut tls: tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
+    body: &[u8],
+    script: &Script,
+    seen: &Mutex<Vec<SeenRequest>>,
+) -> std::io::Result<()> {
+    let client_certificate = tls.get_ref().1.peer_certificates().is_some();
+    let mut head = Vec::new();
+    let mut buffer = [0u8; 1024];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = tls.read(&mut buffer).await?;
+        if n == 0 || head.len() > 16 * 1024 {
+            return Ok(());
+        }
+        head.extend_from_slice(&buffer[..n]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let mut lines = head.split("\r\n");
+    let path = lines
+        .next()
+        .and_then(|line| line.split(' ').nth(1))
+        .unwrap_or("")
+        .to_owned();
+    let range_start = lines
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("range"))
+        .and_then(|(_, value)| {
+            value
+                .trim()
+                .strip_prefix("bytes=")?
+                .strip_suffix('-')?
+                .parse()
+                .ok()
+        });
+    let index = {
+        let mut seen = seen.lock().unwrap();
+        seen.push(SeenRequest {
+            path,
+            range_start,
+            client_certificate,
+        });
+        seen.len() - 1
+    };
+    let total = body.len() as u64;
+    let (status_line, start, cut_after) = match script(index, range_start) {
+        Answer::Status(code) => {
+            let reply =
+                format!("HTTP/1.1 {code} Status\r\nContent-Length: 0\r\nConnection: close\r\n\r\n");
+            tls.write_all(reply.as_bytes()).await?;
+            tls.shutdown().await?;
+            return Ok(());
+        }
+        Answer::Body {
+            honour_range: true,
+            cut_after,
+        } if range_start.is_some() => ("206 Partial Content", range_start.unwrap_or(0), cut_after),
+        Answer::Body { cut_after, .. } => ("200 OK", 0, cut_after),
+        Answer::PartialFrom(start) => ("206 Partial Content", start, None),
+    };
+    let rest = &body[start as usize..];
+    let mut reply = format!(
+        "HTTP/1.1 {status_line}\r\nContent-Length: {}\r\nConnection: close\r\n",
+        rest.len()
+    );
+    if status_line.starts_with("206") {
+        reply.push_str(&format!(
+            "Content-Range: bytes {start}-{}/{total}\r\n",
+            total - 1
+        ));
+    }
+    reply.push_str("\r\n");
+    tls.write_all(reply.as_bytes()).await?;
+    match cut_after {
+        Some(limit) => {
+            tls.write_all(&rest[..limit.min(rest.len())]).await?;
+            tls.flush().await?;
+            // Drop the connection without TLS close_notify: the client sees
+            // a body that ends early.
+        }
+        None => {
+            tls.write_all(rest).await?;
+            tls.shutdown().await?;
+        }
+    }
+    Ok(())
+}
+
+/// Deterministic, poorly compressible bytes.
+pub fn pseudo_random_bytes(size: usize, seed: u64) -> Vec<u8> {
+    let mut state = seed | 1;
+    (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state >> 24) as u8
+        })
+        .collect()
+}
+
+/// Polls `condition` every 10 ms until it holds or `timeout` passes.
+pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
