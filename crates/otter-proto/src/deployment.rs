@@ -147,9 +147,12 @@ mod tests {
         }
     }
 
+    /// Event in, and the phase out with whether the link is revoked (`None`: ignored).
+    type Case = (Phase, DeviceEvent, Option<(Phase, bool)>);
+
     #[test]
     fn table() {
-        let cases: &[(Phase, DeviceEvent, Option<(Phase, bool)>)] = &[
+        let cases: &[Case] = &[
             (P::Pending, E::Received, Some((P::Received, false))),
             (P::Notified, E::Received, Some((P::Received, false))),
             (P::Received, E::Received, None),
