@@ -298,6 +298,10 @@ impl Agent {
                 Ok(())
             }
             ServerMessage::Update(notification) => self.on_update(notification, uplink).await,
+            ServerMessage::PushOffer(offer) => {
+                tracing::warn!(deployment = %offer.deployment_id, "push mode is not implemented yet");
+                Ok(())
+            }
         }
     }
 

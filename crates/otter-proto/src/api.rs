@@ -61,6 +61,28 @@ pub struct DeviceInfo {
     pub registered_at: Option<String>,
     /// RFC 3339 time of the last message from the device, if any.
     pub last_seen: Option<String>,
+    /// How the device first registered: over MQTT, or by polling the device
+    /// HTTPS endpoint (a pull-mode device). `None` before any registration.
+    pub registered_via: Option<Channel>,
+}
+
+/// The channel a device speaks to the server on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    /// The MQTT broker (push and push-pull).
+    Mqtt,
+    /// Polling the device HTTPS endpoint (pull, and push-pull's reconcile poll).
+    Poll,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Channel::Mqtt => "mqtt",
+            Channel::Poll => "poll",
+        }
+    }
 }
 
 /// A stored release.

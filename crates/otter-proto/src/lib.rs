@@ -10,6 +10,7 @@
 //! - [`messages`]: what travels over MQTT (registration, notification, reports).
 //! - [`deployment`]: the server's per-device deployment phase machine.
 //! - [`job`]: the agent's update job state machine.
+//! - [`push`]: the binary chunk format of push mode.
 //! - [`api`]: JSON shapes of the operator REST API and the device HTTPS endpoint.
 
 pub mod api;
@@ -17,6 +18,7 @@ pub mod deployment;
 pub mod job;
 pub mod manifest;
 pub mod messages;
+pub mod push;
 pub mod topics;
 
 /// Version of the device protocol spoken by this build. A registration with a

@@ -74,6 +74,46 @@ pub enum ServerMessage {
     Update(UpdateNotification),
     /// The server could not accept something the device sent.
     Error(ErrorMessage),
+    /// Push mode: the artifact itself follows on the device's `chunk` topic.
+    /// The device answers with a [`PushAck`] giving the offset it already
+    /// holds (0, or more when resuming), and acknowledges as it goes.
+    PushOffer(PushOffer),
+}
+
+/// Push mode: what a device needs to receive, check and install a release
+/// whose artifact the server sends over MQTT.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushOffer {
+    pub deployment_id: String,
+    /// `name@version`.
+    pub release: String,
+    pub manifest: SignedManifest,
+    /// Base64 of the release's 32-byte data key (see [`UpdateNotification`]).
+    pub data_key: String,
+    /// Size of every chunk but the last, in bytes (at most
+    /// [`crate::push::MAX_CHUNK_BYTES`]).
+    pub chunk_size: u32,
+}
+
+/// Push mode, device → server on `ack`: every byte before `offset` of the
+/// deployment's artifact is durably written on the device; send from there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PushAck {
+    pub deployment_id: String,
+    pub offset: u64,
+}
+
+/// Pull mode (and the push-pull reconcile poll): the answer to a poll of the
+/// device HTTPS endpoint, `POST /v1/poll` with the device's [`Registration`]
+/// as body. Nothing pending is `update: None` (or `304 Not Modified` when
+/// the device's `If-None-Match` equals the answer's `ETag`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PollResponse {
+    /// The pending update with its temporary link, as in push-pull.
+    pub update: Option<UpdateNotification>,
 }
 
 /// Step 4/5: what a device needs to fetch and install one release.

@@ -1,9 +1,9 @@
 //! MQTT topic names and device identifiers.
 //!
 //! Every device owns the prefix `otter/devices/<id>/` and nothing else. Under
-//! it the device publishes [`DeviceTopic::Register`] and
-//! [`DeviceTopic::Status`] and subscribes to [`DeviceTopic::Notify`], which
-//! only the server publishes to.
+//! it the device publishes [`DeviceTopic::Register`], [`DeviceTopic::Status`]
+//! and [`DeviceTopic::Ack`] and subscribes to [`DeviceTopic::Notify`] and
+//! [`DeviceTopic::Chunk`], which only the server publishes to.
 
 use std::fmt;
 
@@ -22,6 +22,10 @@ pub enum DeviceTopic {
     Status,
     /// Server → device: [`crate::messages::ServerMessage`].
     Notify,
+    /// Device → server, push mode: [`crate::messages::PushAck`].
+    Ack,
+    /// Server → device, push mode: binary [`crate::push::PushChunk`]s.
+    Chunk,
 }
 
 impl DeviceTopic {
@@ -36,17 +40,19 @@ impl DeviceTopic {
             DeviceTopic::Register => "register",
             DeviceTopic::Status => "status",
             DeviceTopic::Notify => "notify",
+            DeviceTopic::Ack => "ack",
+            DeviceTopic::Chunk => "chunk",
         }
     }
 
     /// Whether the device itself may publish on this topic.
     pub fn device_may_publish(self) -> bool {
-        matches!(self, DeviceTopic::Register | DeviceTopic::Status)
+        matches!(self, DeviceTopic::Register | DeviceTopic::Status | DeviceTopic::Ack)
     }
 
     /// Whether the device may subscribe to this topic.
     pub fn device_may_subscribe(self) -> bool {
-        matches!(self, DeviceTopic::Notify)
+        matches!(self, DeviceTopic::Notify | DeviceTopic::Chunk)
     }
 }
 

@@ -113,8 +113,12 @@ impl Engine {
             } => match topic {
                 DeviceTopic::Register => self.handle_registration(&device_id, &payload).await,
                 DeviceTopic::Status => self.handle_status(&device_id, &payload).await,
-                DeviceTopic::Notify => {
-                    tracing::warn!(device = %device_id, "ignoring a device message on its notify topic");
+                DeviceTopic::Ack => {
+                    tracing::warn!(device = %device_id, "push mode is not implemented yet; ignoring an ack");
+                    Ok(())
+                }
+                DeviceTopic::Notify | DeviceTopic::Chunk => {
+                    tracing::warn!(device = %device_id, ?topic, "ignoring a device message on a server topic");
                     Ok(())
                 }
             },

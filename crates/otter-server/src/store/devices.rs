@@ -219,5 +219,6 @@ fn device_from_row(row: &AnyRow, tags: Vec<String>) -> Result<DeviceInfo, StoreE
         enrolled_at: row.try_get("enrolled_at")?,
         registered_at: row.try_get("registered_at")?,
         last_seen: row.try_get("last_seen")?,
+        registered_via: None,
     })
 }
