@@ -23,6 +23,15 @@
 //! On restart the persisted stage is resumed; a finished job, or a version
 //! already recorded as installed, is never installed again.
 //!
+//! Two packages are not handed to the configured installer: the agent's own
+//! configuration (`otter-agent-config`, [`crate::remote_config`]), after
+//! which the loop ends with [`RunOutcome::Restart`] so the binary runs again
+//! with the new configuration; and packages of kind `agent`
+//! ([`crate::self_update`]), which are staged, after which the loop ends with
+//! [`RunOutcome::SelfUpdateStaged`] and the supervisor takes over. A new
+//! agent on trial confirms once connected and registered; one started after
+//! a rollback reports `rolled-back`.
+//!
 //! Layout: [`run`] (build everything from the configuration and go), the
 //! [`Agent`] and its event handlers, then the worker tasks.
 
@@ -31,13 +40,15 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
+use bytes::Bytes;
 use ed25519_dalek::VerifyingKey;
 use otter_package::DataKey;
-use otter_proto::job::{Action, Decision, Job, Stage, StepResult, decide};
-use otter_proto::manifest::Manifest;
+use otter_proto::job::{Action, Decision, Delivery, Job, Stage, StepResult, decide};
+use otter_proto::manifest::{Manifest, PackageKind};
 use otter_proto::messages::{
-    DeviceEvent, Mode, Registration, ServerMessage, StatusReport, UpdateNotification,
+    DeviceEvent, Mode, PushAck, Registration, ServerMessage, StatusReport, UpdateNotification,
 };
+use otter_proto::push::PushChunk;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -47,14 +58,32 @@ use crate::download::{DownloadPolicy, Downloader};
 use crate::install::{InstallRequest, Installer, installer_for};
 use crate::landing_zone::LandingZone;
 use crate::mqtt::{MqttEvent, MqttSession, Uplink};
+use crate::poll::{self, PollClient};
+use crate::push::ChunkDecision;
+use crate::remote_config::{RemoteConfigInstaller, is_agent_config};
 use crate::safe_state::{SafeStatePolicy, SafeStateProbe, probe_for, wait_for_safe_state};
+use crate::self_update::{Marker, MarkerState, MarkerStore, SelfUpdateInstaller};
 use crate::state::{InstalledVersions, StateStore};
 use crate::tls::DeviceTls;
 
 /// How long shutdown waits for the MQTT DISCONNECT to go out.
 const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Runs the agent described by `config` until `shutdown` completes.
+/// How a run of the agent ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RunOutcome {
+    /// `shutdown` completed.
+    Stopped,
+    /// A new agent configuration was installed: load the configuration
+    /// again (it includes the overlay) and run anew.
+    Restart,
+    /// A new agent executable is staged: exit with
+    /// [`crate::self_update::STAGED_EXIT_CODE`] so the supervisor swaps it in.
+    SelfUpdateStaged,
+}
+
+/// Runs the agent described by `config` until `shutdown` completes or the
+/// agent must restart (see [`RunOutcome`]).
 ///
 /// Errors are start-up problems (unreadable keys or certificates, an
 /// unusable state folder, a mode this agent does not implement) and failures
@@ -63,10 +92,13 @@ const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<RunOutcome> {
     let tls = DeviceTls::load(&config.ca, &config.certificate, &config.private_key)
         .context("loading the device TLS identity")?;
     let agent = Agent::new(&config, &tls)?;
+    if config.mode == Mode::Pull {
+        return run_pull(agent, &config, &tls, shutdown).await;
+    }
     let (session, events, connection) = MqttSession::start(
         &config.device_id,
         &config.mqtt,
@@ -78,7 +110,23 @@ pub async fn run(
         broker = %format!("{}:{}", config.mqtt.host, config.mqtt.port),
         "otter agent starting"
     );
-    let result = agent.run(events, &session, shutdown).await;
+    let result = match config.reconcile_interval {
+        // Push-pull's safety net: poll now and then besides the session.
+        Some(interval) if config.mode == Mode::PushPull => {
+            let client = PollClient::new(
+                &config.device_url,
+                tls.https_config()
+                    .context("building the HTTPS TLS configuration")?,
+            )
+            .context("building the poll client")?;
+            let (uplink, events, reconcile) =
+                poll::start_reconcile(client, interval, session.clone(), events);
+            let result = agent.run(events, &uplink, shutdown).await;
+            reconcile.abort();
+            result
+        }
+        _ => agent.run(events, &session, shutdown).await,
+    };
     session.disconnect();
     let mut connection = connection;
     if tokio::time::timeout(DISCONNECT_GRACE, &mut connection)
@@ -87,6 +135,34 @@ pub async fn run(
     {
         connection.abort();
     }
+    tracing::debug!("agent stopped");
+    result
+}
+
+/// Pull mode: no MQTT at all; the poll task is the agent's uplink and its
+/// source of updates (see [`crate::poll`]).
+async fn run_pull(
+    agent: Agent,
+    config: &AgentConfig,
+    tls: &DeviceTls,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<RunOutcome> {
+    let client = PollClient::new(
+        &config.device_url,
+        tls.https_config()
+            .context("building the HTTPS TLS configuration")?,
+    )
+    .context("building the poll client")?;
+    let (events, receiver) = mpsc::channel(poll::EVENT_CAPACITY);
+    let (uplink, poller) = poll::start_pull(client, config.poll_interval, events);
+    tracing::info!(
+        device = %config.device_id,
+        endpoint = %config.device_url,
+        interval = ?config.poll_interval,
+        "otter agent starting in pull mode"
+    );
+    let result = agent.run(receiver, &uplink, shutdown).await;
+    poller.abort();
     tracing::debug!("agent stopped");
     result
 }
@@ -111,6 +187,17 @@ pub struct Agent {
     job: Option<Job>,
     installed: InstalledVersions,
     worker: Option<Worker>,
+    /// Installs the `otter-agent-config` package.
+    remote_config: Arc<dyn Installer>,
+    /// Stages packages of kind `agent`.
+    self_update: Arc<dyn Installer>,
+    /// Whether a supervisor runs this agent (self-update possible).
+    supervised: bool,
+    markers: MarkerStore,
+    /// A self-update on trial in this process: confirmed once connected.
+    trial: Option<Marker>,
+    /// Set when the loop must end (new configuration, staged executable).
+    outcome: Option<RunOutcome>,
 }
 
 /// The task doing the slow part of the current job's step.
@@ -155,12 +242,6 @@ impl Agent {
         tls: &DeviceTls,
         handlers: Handlers,
     ) -> anyhow::Result<Agent> {
-        if config.mode != Mode::PushPull {
-            anyhow::bail!(
-                "mode {} is not implemented by this agent yet; use mode = \"push-pull\"",
-                config.mode.as_str()
-            );
-        }
         let mut trusted_signers = Vec::new();
         for path in &config.trusted_signers {
             let key = otter_package::keys::read_verifying_key(path)
@@ -203,6 +284,16 @@ impl Agent {
             job,
             installed,
             worker: None,
+            remote_config: Arc::new(RemoteConfigInstaller::new(config.source.clone())),
+            self_update: Arc::new(SelfUpdateInstaller::new(
+                config.self_update.executable.clone(),
+                &config.state_dir,
+                config.self_update.deadline,
+            )),
+            supervised: config.self_update.executable.is_some(),
+            markers: MarkerStore::new(&config.state_dir),
+            trial: None,
+            outcome: None,
         })
     }
 
@@ -217,28 +308,33 @@ impl Agent {
 
     /// What the agent announces on every connection.
     pub fn registration(&self) -> Registration {
+        let mut capabilities = vec![
+            self.handlers.installer.name().to_owned(),
+            "range-resume".to_owned(),
+            self.remote_config.name().to_owned(),
+        ];
+        if self.supervised {
+            capabilities.push(self.self_update.name().to_owned());
+        }
         Registration {
             protocol: otter_proto::PROTOCOL_VERSION,
             hardware: self.hardware.clone(),
             installed: self.installed.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             mode: self.mode,
-            capabilities: vec![
-                self.handlers.installer.name().to_owned(),
-                "range-resume".to_owned(),
-            ],
+            capabilities,
         }
     }
 
     /// Handles session events and worker outcomes until `shutdown`
-    /// completes or the session ends; then stops the worker (a download is
-    /// resumed next time) and returns.
+    /// completes, the session ends or the agent must restart; then stops the
+    /// worker (a download is resumed next time) and returns.
     pub async fn run(
         mut self,
         mut events: mpsc::Receiver<MqttEvent>,
         uplink: &dyn Uplink,
         shutdown: impl Future<Output = ()> + Send,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<RunOutcome> {
         let active = self
             .job
             .as_ref()
@@ -247,21 +343,23 @@ impl Agent {
         if let Err(error) = self.landing_zone.remove_all_except(active.as_deref()).await {
             tracing::warn!(%error, "cannot sweep the landing zone");
         }
+        self.resume_self_update(uplink).await?;
         self.schedule(uplink).await?;
         tokio::pin!(shutdown);
         let result = loop {
+            if let Some(outcome) = self.outcome {
+                break Ok(outcome);
+            }
             tokio::select! {
                 () = &mut shutdown => {
                     tracing::info!("shutting down");
-                    break Ok(());
+                    break Ok(RunOutcome::Stopped);
                 }
                 event = events.recv() => {
                     let step = match event {
-                        Some(MqttEvent::Connected) => {
-                            self.on_connected(uplink);
-                            Ok(())
-                        }
+                        Some(MqttEvent::Connected) => self.on_connected(uplink).await,
                         Some(MqttEvent::Message(message)) => self.on_message(message, uplink).await,
+                        Some(MqttEvent::Chunk(payload)) => self.on_chunk(payload, uplink).await,
                         None => break Err(anyhow::anyhow!("the MQTT session ended")),
                     };
                     if let Err(error) = step {
@@ -280,11 +378,106 @@ impl Agent {
         result
     }
 
-    fn on_connected(&self, uplink: &dyn Uplink) {
+    /// After every (re)connection: register, repeat the latest report, and
+    /// confirm a self-update on trial (connected and registered is the proof
+    /// that the new agent works).
+    pub async fn on_connected(&mut self, uplink: &dyn Uplink) -> anyhow::Result<()> {
         log_queue_error(uplink.register(&self.registration()));
         if let Some(job) = &self.job {
             log_queue_error(uplink.report(&job.last_report()));
         }
+        self.confirm_self_update(uplink).await
+    }
+
+    /// At start: a trial marker makes this process the new agent on trial; a
+    /// rolled-back marker is reported for its deployment (with the previous
+    /// version put back in `installed.json`) and cleared.
+    async fn resume_self_update(&mut self, uplink: &dyn Uplink) -> anyhow::Result<()> {
+        let marker = match self.markers.load() {
+            Ok(marker) => marker,
+            Err(error) => {
+                tracing::error!(%error, "cannot read the self-update marker");
+                None
+            }
+        };
+        let Some(marker) = marker else {
+            return Ok(());
+        };
+        match &marker.state {
+            MarkerState::Trial => {
+                tracing::info!(version = %marker.version, "running as the new agent on trial");
+                self.trial = Some(marker);
+            }
+            MarkerState::RolledBack { reason } => {
+                tracing::warn!(version = %marker.version, %reason, "the self-update was rolled back");
+                if self.installed.get(&marker.package) == Some(&marker.version) {
+                    match &marker.previous_version {
+                        Some(previous) => {
+                            self.installed
+                                .insert(marker.package.clone(), previous.clone());
+                        }
+                        None => {
+                            self.installed.remove(&marker.package);
+                        }
+                    }
+                    self.save_installed().await?;
+                }
+                let this_job = self.job.as_ref().is_some_and(|job| {
+                    job.notification.deployment_id == marker.deployment_id
+                        && !matches!(
+                            job.stage,
+                            Stage::Finished {
+                                event: DeviceEvent::RolledBack,
+                                ..
+                            }
+                        )
+                });
+                if this_job {
+                    self.finish(StepResult::RolledBack(reason.clone()), uplink)
+                        .await?;
+                }
+                self.markers
+                    .remove()
+                    .context("clearing the self-update marker")?;
+            }
+            MarkerState::Staged => {
+                tracing::warn!("a new agent executable is staged but no supervisor swapped it in");
+            }
+            MarkerState::Confirmed => {}
+        }
+        Ok(())
+    }
+
+    /// The trial succeeded: record the version, report `installed`, then
+    /// mark the marker `confirmed` (last, so that a crash before it is
+    /// rolled back and the version put back).
+    async fn confirm_self_update(&mut self, uplink: &dyn Uplink) -> anyhow::Result<()> {
+        let Some(marker) = self.trial.take() else {
+            return Ok(());
+        };
+        let pending = self.job.clone().filter(|job| {
+            job.notification.deployment_id == marker.deployment_id && !job.is_finished()
+        });
+        if let Some(job) = pending {
+            match otter_package::sign::verify_manifest(
+                &job.notification.manifest,
+                &self.trusted_signers,
+            ) {
+                Ok(manifest) => self.complete_install(&manifest, uplink).await?,
+                Err(error) => {
+                    self.finish(
+                        StepResult::Failed(format!("signature check failed: {error}")),
+                        uplink,
+                    )
+                    .await?
+                }
+            }
+        }
+        self.markers
+            .transition(&marker, MarkerState::Confirmed)
+            .context("confirming the self-update")?;
+        tracing::info!(version = %marker.version, "self-update confirmed");
+        Ok(())
     }
 
     async fn on_message(
@@ -297,22 +490,27 @@ impl Agent {
                 tracing::warn!(code = %error.code, message = %error.message, "server error");
                 Ok(())
             }
-            ServerMessage::Update(notification) => self.on_update(notification, uplink).await,
+            ServerMessage::Update(notification) => {
+                self.on_update(notification, Delivery::Link, uplink).await
+            }
             ServerMessage::PushOffer(offer) => {
-                tracing::warn!(deployment = %offer.deployment_id, "push mode is not implemented yet");
-                Ok(())
+                // Push mode: the same checks and decision as an update; the
+                // job remembers that its bytes come over MQTT.
+                let (notification, delivery) = Job::from_offer(offer);
+                self.on_update(notification, delivery, uplink).await
             }
         }
     }
 
-    /// Step 5: a notification arrives.
+    /// Step 5: a notification (or push offer) arrives.
     async fn on_update(
         &mut self,
         notification: UpdateNotification,
+        delivery: Delivery,
         uplink: &dyn Uplink,
     ) -> anyhow::Result<()> {
         let deployment_id = notification.deployment_id.clone();
-        tracing::info!(deployment = %deployment_id, release = %notification.release, "update notification");
+        tracing::info!(deployment = %deployment_id, release = %notification.release, ?delivery, "update notification");
         let refuse = |reason: String| {
             tracing::warn!(deployment = %deployment_id, %reason, "refusing the update");
             log_queue_error(uplink.report(&StatusReport {
@@ -352,17 +550,31 @@ impl Agent {
             installed,
             &self.hardware,
         ) {
-            Decision::Start => self.start_job(notification, uplink).await?,
+            Decision::Start => self.start_job(notification, delivery, uplink).await?,
             Decision::RefreshLink => {
+                // The same deployment again: a fresher link, or a repeated
+                // push offer (answered with the bytes held, in `schedule`).
+                // The server may also have switched the delivery when the
+                // device's mode changed; both append to `artifact.part`.
+                let switched = self
+                    .job
+                    .as_ref()
+                    .is_some_and(|job| job.delivery != delivery);
                 if let Some(job) = self.job.as_mut() {
-                    job.notification.link = notification.link.clone();
-                    job.notification.link_expires_at = notification.link_expires_at;
+                    if delivery.is_link() {
+                        job.notification.link = notification.link.clone();
+                        job.notification.link_expires_at = notification.link_expires_at;
+                    }
+                    job.delivery = delivery;
                 }
                 self.persist_job().await?;
+                if switched {
+                    self.stop_worker().await;
+                }
                 match &self.worker {
                     Some(Worker {
                         link: Some(link), ..
-                    }) => {
+                    }) if delivery.is_link() => {
                         link.send_replace(notification.link);
                     }
                     _ => self.schedule(uplink).await?,
@@ -386,6 +598,7 @@ impl Agent {
     async fn start_job(
         &mut self,
         notification: UpdateNotification,
+        delivery: Delivery,
         uplink: &dyn Uplink,
     ) -> anyhow::Result<()> {
         self.stop_worker().await;
@@ -405,7 +618,7 @@ impl Agent {
                 tracing::warn!(%error, "cannot clear the landing zone of the replaced job");
             }
         }
-        let job = Job::new(notification);
+        let job = Job::with_delivery(notification, delivery);
         let report = job.last_report();
         self.job = Some(job);
         self.persist_job().await?;
@@ -440,7 +653,18 @@ impl Agent {
                     .await;
             }
         };
+        if manifest.kind == PackageKind::Agent
+            && job.stage == Stage::Installing
+            && self.self_update_pending(&job.notification.deployment_id)
+        {
+            // Staged, on trial or rolled back: the supervisor and the marker
+            // own the rest of this install; never stage it twice.
+            return Ok(());
+        }
         match (action, &job.stage) {
+            (Action::Download, _) if !job.delivery.is_link() => {
+                return self.answer_push(&job, manifest, uplink).await;
+            }
             (Action::Download, _) => {
                 if job.notification.link_expires_at <= unix_now() {
                     // Typically after a restart: the server answers our
@@ -516,6 +740,17 @@ impl Agent {
                         &job.notification.manifest,
                         &self.trusted_signers,
                     ) {
+                        Ok(manifest) if manifest.kind == PackageKind::Agent => {
+                            // Staged: the version is recorded by the new
+                            // agent once it confirms, not here.
+                            self.outcome = Some(RunOutcome::SelfUpdateStaged);
+                            Ok(())
+                        }
+                        Ok(manifest) if is_agent_config(&manifest) => {
+                            self.complete_install(&manifest, uplink).await?;
+                            self.outcome = Some(RunOutcome::Restart);
+                            Ok(())
+                        }
                         Ok(manifest) => self.complete_install(&manifest, uplink).await,
                         Err(error) => {
                             self.finish(
@@ -539,12 +774,7 @@ impl Agent {
     ) -> anyhow::Result<()> {
         self.installed
             .insert(manifest.name.clone(), manifest.version.clone());
-        let store = self.store.clone();
-        let installed = self.installed.clone();
-        tokio::task::spawn_blocking(move || store.save_installed(&installed))
-            .await
-            .context("state writer task")?
-            .context("persisting the installed versions")?;
+        self.save_installed().await?;
         tracing::info!(release = %manifest.release_id(), "installed");
         self.finish(StepResult::Installed, uplink).await?;
         // The installed versions are part of the registration: announce the
@@ -578,6 +808,32 @@ impl Agent {
         self.persist_job().await?;
         log_queue_error(uplink.report(&report));
         Ok(())
+    }
+
+    async fn save_installed(&self) -> anyhow::Result<()> {
+        let store = self.store.clone();
+        let installed = self.installed.clone();
+        tokio::task::spawn_blocking(move || store.save_installed(&installed))
+            .await
+            .context("state writer task")?
+            .context("persisting the installed versions")
+    }
+
+    /// Whether a self-update marker exists for `deployment_id`.
+    fn self_update_pending(&self, deployment_id: &str) -> bool {
+        matches!(self.markers.load(), Ok(Some(marker)) if marker.deployment_id == deployment_id)
+    }
+
+    /// The installer for a package: the agent's configuration and the agent
+    /// itself have their own; everything else goes to the configured one.
+    fn installer_for(&self, manifest: &Manifest) -> Arc<dyn Installer> {
+        if is_agent_config(manifest) {
+            self.remote_config.clone()
+        } else if manifest.kind == PackageKind::Agent {
+            self.self_update.clone()
+        } else {
+            self.handlers.installer.clone()
+        }
     }
 
     async fn persist_job(&self) -> anyhow::Result<()> {
@@ -645,6 +901,167 @@ impl Agent {
         });
     }
 
+    /// Push mode, while receiving: tells the server how many bytes are
+    /// durably held (it sends from there), or unpacks once all are.
+    async fn answer_push(
+        &mut self,
+        job: &Job,
+        manifest: Manifest,
+        uplink: &dyn Uplink,
+    ) -> anyhow::Result<()> {
+        let deployment_id = job.notification.deployment_id.clone();
+        let files = match self.landing_zone.files(&deployment_id) {
+            Ok(files) => files,
+            Err(error) => {
+                return self
+                    .finish(StepResult::Failed(error.to_string()), uplink)
+                    .await;
+            }
+        };
+        let artifact_part = files.artifact_part.clone();
+        let held = tokio::task::spawn_blocking(move || crate::push::durable_length(&artifact_part))
+            .await
+            .context("landing zone task")?;
+        let held = match held {
+            Ok(held) => held,
+            Err(error) => {
+                return self
+                    .finish(StepResult::Failed(format!("landing zone: {error}")), uplink)
+                    .await;
+            }
+        };
+        if held >= manifest.artifact.size {
+            self.spawn_unpack(job, manifest);
+        } else {
+            log_queue_error(uplink.push_ack(&PushAck {
+                deployment_id,
+                offset: held,
+            }));
+        }
+        Ok(())
+    }
+
+    /// Push mode: a chunk of the current job's artifact arrives. It is
+    /// written only where `artifact.part` ends (`crate::push`), synced, and
+    /// acknowledged; the last one starts the check and unpack.
+    async fn on_chunk(&mut self, payload: Bytes, uplink: &dyn Uplink) -> anyhow::Result<()> {
+        let (deployment_id, offset, data) = match PushChunk::decode(&payload) {
+            Ok(chunk) => {
+                // The data is the tail of the payload: share it, no copy.
+                let start = payload.len().saturating_sub(chunk.data.len());
+                (
+                    chunk.deployment_id.to_owned(),
+                    chunk.offset,
+                    payload.slice(start..),
+                )
+            }
+            Err(error) => {
+                tracing::warn!(%error, "ignoring a malformed push chunk");
+                return Ok(());
+            }
+        };
+        let Some(job) = self.job.clone().filter(|job| {
+            job.notification.deployment_id == deployment_id
+                && !job.delivery.is_link()
+                && job.stage == Stage::Received
+        }) else {
+            tracing::debug!(deployment = %deployment_id, offset, "dropping a chunk no push job waits for");
+            return Ok(());
+        };
+        if self.worker.is_some() {
+            // Complete already: the unpack runs.
+            return Ok(());
+        }
+        let manifest = match otter_package::sign::verify_manifest(
+            &job.notification.manifest,
+            &self.trusted_signers,
+        ) {
+            Ok(manifest) => manifest,
+            Err(error) => {
+                return self
+                    .finish(
+                        StepResult::Failed(format!("signature check failed: {error}")),
+                        uplink,
+                    )
+                    .await;
+            }
+        };
+        let files = match self.landing_zone.files(&deployment_id) {
+            Ok(files) => files,
+            Err(error) => {
+                return self
+                    .finish(StepResult::Failed(error.to_string()), uplink)
+                    .await;
+            }
+        };
+        let size = manifest.artifact.size;
+        let written = tokio::task::spawn_blocking(move || {
+            crate::push::append_chunk(&files, size, offset, &data)
+        })
+        .await
+        .context("landing zone task")?;
+        let written = match written {
+            Ok(written) => written,
+            Err(error) => {
+                return self
+                    .finish(StepResult::Failed(format!("landing zone: {error}")), uplink)
+                    .await;
+            }
+        };
+        match written.decision {
+            // A duplicate is acknowledged too: the server may have missed
+            // the acknowledgement that made it one.
+            ChunkDecision::Append { .. } | ChunkDecision::Duplicate => {
+                log_queue_error(uplink.push_ack(&PushAck {
+                    deployment_id,
+                    offset: written.held,
+                }));
+            }
+            ChunkDecision::Gap | ChunkDecision::Oversized => {
+                tracing::debug!(deployment = %deployment_id, offset, held = written.held, decision = ?written.decision, "dropping a push chunk");
+            }
+        }
+        if written.held >= size {
+            tracing::info!(deployment = %job.notification.deployment_id, bytes = written.held, "pushed artifact complete");
+            self.spawn_unpack(&job, manifest);
+        }
+        Ok(())
+    }
+
+    /// Push mode's step 6 once every byte arrived: the same check and
+    /// unpack as after a download.
+    fn spawn_unpack(&mut self, job: &Job, manifest: Manifest) {
+        let deployment_id = job.notification.deployment_id.clone();
+        let cancel = CancellationToken::new();
+        let data_key = job.notification.data_key.clone();
+        let landing_zone = self.landing_zone.clone();
+        let task_cancel = cancel.clone();
+        let task_deployment = deployment_id.clone();
+        let handle = tokio::spawn(async move {
+            let data_key = match DataKey::from_base64(&data_key) {
+                Ok(key) => key,
+                Err(error) => return WorkOutcome::Failed(format!("invalid data key: {error}")),
+            };
+            let files = match landing_zone.prepare(&task_deployment).await {
+                Ok(files) => files,
+                Err(error) => return WorkOutcome::Failed(error.to_string()),
+            };
+            match crate::fetch::verify_and_unpack(&files, &manifest, &data_key, &task_cancel).await
+            {
+                Ok(()) => WorkOutcome::Done,
+                Err(error) if error.is_cancelled() => WorkOutcome::Cancelled,
+                Err(error) => WorkOutcome::Failed(error.to_string()),
+            }
+        });
+        self.worker = Some(Worker {
+            deployment_id,
+            kind: WorkKind::Fetch,
+            cancel,
+            link: None,
+            handle,
+        });
+    }
+
     fn spawn_safe_state_wait(&mut self, job: &Job) {
         let cancel = CancellationToken::new();
         let probe = self.handlers.safe_state.clone();
@@ -681,7 +1098,7 @@ impl Agent {
             kind: manifest.kind,
             payload,
         };
-        let installer = self.handlers.installer.clone();
+        let installer = self.installer_for(manifest);
         let cancel = CancellationToken::new();
         let task_cancel = cancel.clone();
         tracing::info!(release = %manifest.release_id(), handler = installer.name(), "installing");

@@ -27,6 +27,13 @@ pub struct AgentConfig {
     /// Hardware model, matched against a manifest's `hardware` list.
     pub hardware: String,
     pub mode: Mode,
+    /// Pull mode: time between two polls of the device endpoint (± 10 %
+    /// jitter).
+    pub poll_interval: Duration,
+    /// Push-pull: time between two reconcile polls (± 10 % jitter), which
+    /// pick up a notification the device missed; `None` (`"0s"`) disables
+    /// them.
+    pub reconcile_interval: Option<Duration>,
     pub mqtt: MqttEndpoint,
     /// Base URL of the device HTTPS endpoint (links in notifications are
     /// absolute, so push-pull does not use it; pull mode will).
@@ -46,6 +53,22 @@ pub struct AgentConfig {
     pub safe_state: SafeStateConfig,
     pub install: InstallConfig,
     pub download: DownloadConfig,
+    pub self_update: SelfUpdateConfig,
+    /// The `agent.toml` this was loaded from (`None` from
+    /// [`AgentConfig::from_toml_str`]); a configuration package merges over it.
+    pub source: Option<PathBuf>,
+}
+
+/// `[self_update]`: how a new agent executable is tried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelfUpdateConfig {
+    /// A new agent that has not connected and confirmed within this long is
+    /// replaced by the previous one.
+    pub deadline: Duration,
+    /// The running executable, set by `otter-agent --worker` (never read from
+    /// the file); `None` means no supervisor runs this agent and a package of
+    /// kind `agent` is refused.
+    pub executable: Option<PathBuf>,
 }
 
 /// Host and port of the MQTT broker, from `mqtt_url`.
@@ -124,6 +147,10 @@ pub struct RawConfig {
     pub hardware: String,
     #[serde(default)]
     pub mode: Mode,
+    #[serde(default = "default_poll_interval")]
+    pub poll_interval: String,
+    #[serde(default = "default_reconcile_interval")]
+    pub reconcile_interval: String,
     pub mqtt_url: String,
     pub device_url: String,
     pub ca: PathBuf,
@@ -140,6 +167,22 @@ pub struct RawConfig {
     pub install: RawInstall,
     #[serde(default)]
     pub download: RawDownload,
+    #[serde(default)]
+    pub self_update: RawSelfUpdate,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSelfUpdate {
+    pub deadline: String,
+}
+
+impl Default for RawSelfUpdate {
+    fn default() -> Self {
+        RawSelfUpdate {
+            deadline: "2m".into(),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +247,14 @@ fn default_state_dir() -> PathBuf {
     "state".into()
 }
 
+fn default_poll_interval() -> String {
+    "30s".into()
+}
+
+fn default_reconcile_interval() -> String {
+    "6h".into()
+}
+
 fn default_landing_zone() -> PathBuf {
     "landing".into()
 }
@@ -220,7 +271,10 @@ impl AgentConfig {
             Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
             _ => PathBuf::from("."),
         };
-        let config = AgentConfig::from_toml_str(&text, &base)?;
+        // The overlay of an installed configuration package, if any, is
+        // merged in and validated here, on every start.
+        let mut config = crate::remote_config::load_with_overlay(&text, &base)?;
+        config.source = Some(path.to_owned());
         config.check_files()?;
         Ok(config)
     }
@@ -305,10 +359,17 @@ impl AgentConfig {
             download.max_backoff,
         )?;
 
+        let self_update = SelfUpdateConfig {
+            deadline: duration("self_update.deadline", &raw.self_update.deadline)?,
+            executable: None,
+        };
+
         Ok(AgentConfig {
             device_id,
             hardware: raw.hardware,
             mode: raw.mode,
+            poll_interval: duration("poll_interval", &raw.poll_interval)?,
+            reconcile_interval: optional_duration("reconcile_interval", &raw.reconcile_interval)?,
             mqtt,
             device_url,
             ca: resolve(&raw.ca),
@@ -320,6 +381,8 @@ impl AgentConfig {
             safe_state,
             install,
             download,
+            self_update,
+            source: None,
         })
     }
 
@@ -345,6 +408,15 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// A duration where zero means "never" (`None`).
+fn optional_duration(key: &'static str, text: &str) -> Result<Option<Duration>, ConfigError> {
+    let value = humantime::parse_duration(text).map_err(|e| ConfigError::Invalid {
+        key,
+        reason: format!("{text:?} is not a duration like \"6h\" (or \"0s\" for never): {e}"),
+    })?;
+    Ok((!value.is_zero()).then_some(value))
 }
 
 fn duration(key: &'static str, text: &str) -> Result<Duration, ConfigError> {
@@ -498,6 +570,36 @@ trusted_signers = ["s.pub"]
         assert_eq!(config.safe_state.initial_backoff, Duration::from_secs(1));
         assert_eq!(config.download.max_backoff, Duration::from_secs(60));
         assert_eq!(config.device_url, "https://localhost:8443");
+    }
+
+    #[test]
+    fn poll_intervals_default_parse_and_disable() {
+        let config = AgentConfig::from_toml_str(SAMPLE, Path::new(".")).unwrap();
+        assert_eq!(config.poll_interval, Duration::from_secs(30));
+        assert_eq!(
+            config.reconcile_interval,
+            Some(Duration::from_secs(6 * 3600))
+        );
+        let text = SAMPLE.replacen(
+            "mode = \"push-pull\"",
+            "mode = \"pull\"\npoll_interval = \"1s\"\nreconcile_interval = \"0s\"",
+            1,
+        );
+        let config = AgentConfig::from_toml_str(&text, Path::new(".")).unwrap();
+        assert_eq!(config.mode, Mode::Pull);
+        assert_eq!(config.poll_interval, Duration::from_secs(1));
+        assert_eq!(config.reconcile_interval, None);
+        for (key, bad) in [
+            ("poll_interval", "poll_interval = \"0s\""),
+            ("poll_interval", "poll_interval = \"often\""),
+            ("reconcile_interval", "reconcile_interval = \"sometimes\""),
+        ] {
+            let text = SAMPLE.replacen("mode = \"push-pull\"", bad, 1);
+            let error = AgentConfig::from_toml_str(&text, Path::new("."))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(key), "{bad}: {error}");
+        }
     }
 
     fn error_for(from: &str, to: &str) -> String {

@@ -336,7 +336,7 @@ async fn truncate(path: &Path) -> Result<(), DownloadError> {
 
 /// An error and its sources on one line: reqwest's top-level message alone
 /// ("error sending request") hides the cause.
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(cause) = source {

@@ -7,6 +7,10 @@
 //! unpack streams `artifact.part` → `payload.tmp` (bounded memory, checks the
 //! plaintext size and hash) and renames `payload.tmp` → `payload` only when
 //! it is complete.
+//!
+//! [`fetch`] downloads and then calls [`verify_and_unpack`], which push mode
+//! (`crate::push`) also calls once the server has sent every byte of
+//! `artifact.part`: one check-and-unpack path for every mode.
 
 use std::io::{BufReader, BufWriter, Read};
 
@@ -23,8 +27,8 @@ use crate::state::sync_dir;
 pub enum FetchError {
     #[error(transparent)]
     Download(#[from] DownloadError),
-    /// The downloaded artifact is not the one the manifest signs.
-    #[error("hash mismatch: the downloaded artifact does not match the signed manifest")]
+    /// The downloaded (or pushed) artifact is not the one the manifest signs.
+    #[error("hash mismatch: the received artifact does not match the signed manifest")]
     HashMismatch,
     #[error("cannot unpack the artifact: {0}")]
     Unpack(otter_package::PackageError),
@@ -56,7 +60,18 @@ pub async fn fetch(
     downloader
         .download(link, &files.artifact_part, manifest.artifact.size, cancel)
         .await?;
+    verify_and_unpack(files, manifest, data_key, cancel).await
+}
 
+/// Checks a complete `artifact.part` against the signed manifest (size and
+/// SHA-256; a mismatching file is deleted) and unpacks it into
+/// `files.payload`.
+pub async fn verify_and_unpack(
+    files: &DeploymentFiles,
+    manifest: &Manifest,
+    data_key: &DataKey,
+    cancel: &CancellationToken,
+) -> Result<(), FetchError> {
     let artifact_part = files.artifact_part.clone();
     let digest =
         tokio::task::spawn_blocking(move || otter_package::pipeline::hash_file(&artifact_part))
@@ -67,7 +82,7 @@ pub async fn fetch(
         tracing::warn!(
             expected = ?manifest.artifact,
             actual = ?digest,
-            "downloaded artifact does not match the manifest; deleting it"
+            "received artifact does not match the manifest; deleting it"
         );
         remove_if_present(&files.artifact_part).map_err(FetchError::Local)?;
         return Err(FetchError::HashMismatch);

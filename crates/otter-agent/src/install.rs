@@ -59,6 +59,10 @@ pub enum InstallError {
     Timeout(Duration),
     #[error("install handler task failed: {0}")]
     Task(String),
+    /// The handler refused the payload (a bad agent configuration, a
+    /// self-update without a supervisor); the reason is reported.
+    #[error("{0}")]
+    Rejected(String),
 }
 
 /// An install handler.

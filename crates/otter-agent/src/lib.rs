@@ -9,14 +9,22 @@
 //! - [`tls`]: the rustls client configurations (MQTT, HTTPS).
 //! - [`mqtt`]: the MQTT session: connection, reconnection, registration,
 //!   publishing, decoding notifications.
+//! - [`poll`]: polling the device HTTPS endpoint: pull mode's uplink and
+//!   push-pull's reconcile poll.
 //! - [`download`]: resumable HTTPS download with Range and retries.
 //! - [`fetch`]: step 6 end to end (download, hash check, unpack).
+//! - [`push`]: push mode's chunk writer (append at the end, sync, acknowledge).
 //! - [`landing_zone`]: the per-deployment folders.
 //! - [`safe_state`]: step 7, the [`safe_state::SafeStateProbe`] trait and the wait.
 //! - [`install`]: step 8, the [`install::Installer`] trait and its handlers.
 //! - [`state`]: the persisted job and installed versions.
 //! - [`backoff`]: exponential backoff with jitter.
-//! - [`agent`]: the loop tying them together; [`run`] is the entry point.
+//! - [`remote_config`]: the `otter-agent-config` package (mode switch by update).
+//! - [`self_update`]: packages of kind `agent`: staging, the marker, the swap.
+//! - [`supervisor`]: the parent process that swaps executables and rolls back.
+//! - [`agent`]: the loop tying them together; [`run`] is the entry point and
+//!   returns a [`RunOutcome`] (stopped, restart with a new configuration, or
+//!   a staged self-update for the supervisor).
 //!
 //! The rules of the job (what a notification means, which step comes next,
 //! what to report) live in `otter_proto::job`; this crate is the I/O shell.
@@ -29,9 +37,14 @@ pub mod fetch;
 pub mod install;
 pub mod landing_zone;
 pub mod mqtt;
+pub mod poll;
+pub mod push;
+pub mod remote_config;
 pub mod safe_state;
+pub mod self_update;
 pub mod state;
+pub mod supervisor;
 pub mod tls;
 
-pub use agent::{Agent, Handlers, run};
+pub use agent::{Agent, Handlers, RunOutcome, run};
 pub use config::AgentConfig;

@@ -1,10 +1,25 @@
-//! `otter-agent`: reads `agent.toml`, sets up logging, runs the agent until
-//! SIGINT or SIGTERM. All behaviour lives in the library.
+//! `otter-agent`: reads `agent.toml`, sets up logging, and runs in one of two
+//! roles. All behaviour lives in the library.
+//!
+//! - Plain `otter-agent` is the **supervisor** ([`otter_agent::supervisor`]):
+//!   it validates the configuration (a bad one ends the process with status
+//!   2, as before), then runs the agent as a child process of the same
+//!   executable, swaps in a staged self-update, rolls back a new agent that
+//!   does not confirm, and re-executes itself into a confirmed one.
+//! - `otter-agent --worker` (hidden; started by the supervisor) is the
+//!   **agent** proper: it runs [`otter_agent::run`] until SIGINT, SIGTERM or
+//!   the end of its stdin (the supervisor is gone); after a configuration
+//!   package it loads the configuration again and runs anew in the same
+//!   process; after staging a new executable it exits with
+//!   [`otter_agent::self_update::STAGED_EXIT_CODE`].
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Parser;
+use otter_agent::supervisor::{SupervisorExit, SupervisorOptions, executable_path, supervise};
+use otter_agent::{AgentConfig, RunOutcome};
+use tokio::sync::watch;
 
 /// The Otter device agent.
 #[derive(Debug, Parser)]
@@ -13,7 +28,14 @@ struct Arguments {
     /// Path of the agent configuration file.
     #[arg(long, env = "OTTER_AGENT_CONFIG", default_value = "agent.toml")]
     config: PathBuf,
+    /// Run the agent itself rather than its supervisor (set by the
+    /// supervisor; the agent stops when its stdin closes).
+    #[arg(long, hide = true)]
+    worker: bool,
 }
+
+/// Exit status for an unusable configuration.
+const CONFIG_ERROR: u8 = 2;
 
 fn main() -> ExitCode {
     let arguments = Arguments::parse();
@@ -27,11 +49,27 @@ fn main() -> ExitCode {
     // for anything that does not take an explicit provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
-    let config = match otter_agent::AgentConfig::load(&arguments.config) {
+    let config = match AgentConfig::load(&arguments.config) {
         Ok(config) => config,
         Err(error) => {
             eprintln!("otter-agent: {error}");
-            return ExitCode::from(2);
+            return ExitCode::from(CONFIG_ERROR);
+        }
+    };
+    if arguments.worker {
+        run_worker(&arguments.config, config)
+    } else {
+        run_supervisor(&arguments.config, &config)
+    }
+}
+
+/// The agent proper; loops while configuration packages ask for a restart.
+fn run_worker(config_path: &Path, mut config: AgentConfig) -> ExitCode {
+    let executable = match std::env::current_exe() {
+        Ok(path) => Some(executable_path(&path)),
+        Err(error) => {
+            tracing::warn!(%error, "cannot find this executable; self-updates are refused");
+            None
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -45,17 +83,150 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(otter_agent::run(config, shutdown_signal())) {
-        Ok(()) => ExitCode::SUCCESS,
+    let supervisor_gone = watch_stdin();
+    loop {
+        config.self_update.executable = executable.clone();
+        let shutdown = shutdown_signal(Some(supervisor_gone.clone()));
+        match runtime.block_on(otter_agent::run(config, shutdown)) {
+            Ok(RunOutcome::Stopped) => return ExitCode::SUCCESS,
+            Ok(RunOutcome::SelfUpdateStaged) => {
+                return ExitCode::from(otter_agent::self_update::STAGED_EXIT_CODE);
+            }
+            Ok(RunOutcome::Restart) => {
+                tracing::info!("restarting the agent with its new configuration");
+                config = match AgentConfig::load(config_path) {
+                    Ok(config) => config,
+                    Err(error) => {
+                        eprintln!("otter-agent: {error}");
+                        return ExitCode::from(CONFIG_ERROR);
+                    }
+                };
+            }
+            Err(error) => {
+                eprintln!("otter-agent: {error:#}");
+                return ExitCode::FAILURE;
+            }
+        }
+    }
+}
+
+/// The supervisor; re-executes itself after a confirmed self-update.
+fn run_supervisor(config_path: &Path, config: &AgentConfig) -> ExitCode {
+    let executable = match std::env::current_exe() {
+        Ok(path) => executable_path(&path),
         Err(error) => {
-            eprintln!("otter-agent: {error:#}");
+            eprintln!("otter-agent: cannot find this executable: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = SupervisorOptions {
+        executable,
+        config_path: config_path.to_owned(),
+        state_dir: config.state_dir.clone(),
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("otter-agent: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let exit = runtime.block_on(supervise(&options, shutdown_signal(None)));
+    // Ends the signal handlers and timers before the process image goes.
+    drop(runtime);
+    match exit {
+        SupervisorExit::Exit(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        SupervisorExit::ReExec => restart_into(&options.executable),
+    }
+}
+
+/// Replaces this process with `executable`, same arguments and environment:
+/// the supervisor's own code is updated too, and its pid stays the same for
+/// the service manager.
+#[cfg(unix)]
+fn restart_into(executable: &Path) -> ExitCode {
+    use std::os::unix::process::CommandExt as _;
+    let error = std::process::Command::new(executable)
+        .args(std::env::args_os().skip(1))
+        .exec();
+    eprintln!(
+        "otter-agent: cannot restart into {}: {error}",
+        executable.display()
+    );
+    ExitCode::FAILURE
+}
+
+/// Without `exec`, the new executable runs as a child and its status is ours.
+#[cfg(not(unix))]
+fn restart_into(executable: &Path) -> ExitCode {
+    match std::process::Command::new(executable)
+        .args(std::env::args_os().skip(1))
+        .status()
+    {
+        Ok(status) => ExitCode::from(
+            status
+                .code()
+                .and_then(|c| u8::try_from(c).ok())
+                .unwrap_or(1),
+        ),
+        Err(error) => {
+            eprintln!(
+                "otter-agent: cannot start {}: {error}",
+                executable.display()
+            );
             ExitCode::FAILURE
         }
     }
 }
 
-/// Completes on SIGINT or SIGTERM.
-async fn shutdown_signal() {
+/// A flag that turns true when stdin reaches its end: the supervisor holds
+/// the other end of the pipe, so this is how the worker learns it is gone.
+fn watch_stdin() -> watch::Receiver<bool> {
+    let (closed, receiver) = watch::channel(false);
+    let spawned = std::thread::Builder::new()
+        .name("stdin-watch".into())
+        .spawn(move || {
+            use std::io::Read as _;
+            let mut stdin = std::io::stdin().lock();
+            let mut buffer = [0u8; 256];
+            loop {
+                match stdin.read(&mut buffer) {
+                    Ok(0) => break,
+                    Ok(_) => continue,
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                }
+            }
+            let _ = closed.send(true);
+        });
+    if let Err(error) = spawned {
+        tracing::warn!(%error, "cannot watch stdin; only signals stop the agent");
+    }
+    receiver
+}
+
+/// Completes on SIGINT or SIGTERM, or when `stdin_closed` turns true.
+async fn shutdown_signal(stdin_closed: Option<watch::Receiver<bool>>) {
+    let supervisor_gone = async move {
+        match stdin_closed {
+            Some(mut closed) => {
+                // An error means the watcher thread is gone: treat as closed.
+                let _ = closed.wait_for(|closed| *closed).await;
+                tracing::info!("stdin closed: the supervisor is gone");
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = signals() => {}
+        () = supervisor_gone => {}
+    }
+}
+
+async fn signals() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};

@@ -5,12 +5,15 @@
 //! certificate, client id = device id, persistent session, keepalive 30 s)
 //! and spawns the task that polls its event loop. That task owns the
 //! connection: it reconnects with backoff and jitter after any error,
-//! subscribes to the device's `notify` topic after every CONNACK, decodes
-//! what arrives there, and hands [`MqttEvent`]s to the agent over a bounded
-//! channel.
+//! subscribes to the device's `notify` and `chunk` topics after every
+//! CONNACK, decodes what arrives on `notify`, passes the binary push chunks
+//! of `chunk` through untouched, and hands [`MqttEvent`]s to the agent over
+//! a bounded channel (so the broker never has more than the server's push
+//! window waiting for the agent).
 //!
-//! The agent publishes with [`MqttSession::publish_registration`] and
-//! [`MqttSession::publish_report`]. Both queue without waiting
+//! The agent publishes with [`MqttSession::publish_registration`],
+//! [`MqttSession::publish_report`] and [`MqttSession::publish_push_ack`].
+//! All queue without waiting
 //! (`try_publish`): the agent's loop must never wait on the event-loop task,
 //! which may itself be waiting for the agent to take an event. A report that
 //! does not fit the queue is logged; the agent re-sends its latest report
@@ -19,7 +22,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use otter_proto::messages::{Registration, ServerMessage, StatusReport, decode, encode};
+use bytes::Bytes;
+use otter_proto::messages::{PushAck, Registration, ServerMessage, StatusReport, decode, encode};
 use otter_proto::topics::{DeviceId, DeviceTopic, device_topic};
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS,
@@ -44,8 +48,18 @@ const REQUEST_CAPACITY: usize = 64;
 const EVENT_CAPACITY: usize = 16;
 /// Incoming packets larger than this break the connection; up to it, an
 /// oversized message is still read, acknowledged and refused by `decode`,
-/// so the broker does not redeliver it forever.
-const MAX_INCOMING_PACKET: usize = 4 * otter_proto::MAX_MESSAGE_BYTES;
+/// so the broker does not redeliver it forever. A push chunk (up to
+/// `MAX_CHUNK_BYTES` of data, a header of at most 265 bytes, the topic and
+/// the MQTT framing) must fit.
+const MAX_INCOMING_PACKET: usize = {
+    let chunk_packet = otter_proto::push::MAX_CHUNK_BYTES + 4096;
+    let message_packet = 4 * otter_proto::MAX_MESSAGE_BYTES;
+    if chunk_packet > message_packet {
+        chunk_packet
+    } else {
+        message_packet
+    }
+};
 const MAX_OUTGOING_PACKET: usize = otter_proto::MAX_MESSAGE_BYTES + 1024;
 
 /// What the session tells the agent.
@@ -56,6 +70,9 @@ pub enum MqttEvent {
     Connected,
     /// A well-formed message on the device's `notify` topic.
     Message(ServerMessage),
+    /// A payload on the device's `chunk` topic: a binary push chunk, still
+    /// to be decoded (`otter_proto::push::PushChunk::decode`).
+    Chunk(Bytes),
 }
 
 /// Why a message could not be queued.
@@ -72,6 +89,17 @@ pub trait Uplink: Send + Sync {
     fn register(&self, registration: &Registration) -> Result<(), MqttError>;
     /// Queues a status report (steps 5–8) for the `status` topic.
     fn report(&self, report: &StatusReport) -> Result<(), MqttError>;
+    /// Push mode: queues an acknowledgement for the `ack` topic. Only an
+    /// MQTT session carries them; other uplinks refuse.
+    fn push_ack(&self, ack: &PushAck) -> Result<(), MqttError> {
+        Err(MqttError::Queue {
+            topic: "ack".to_owned(),
+            reason: format!(
+                "this uplink cannot carry push acknowledgements (deployment {})",
+                ack.deployment_id
+            ),
+        })
+    }
 }
 
 impl Uplink for MqttSession {
@@ -82,6 +110,10 @@ impl Uplink for MqttSession {
     fn report(&self, report: &StatusReport) -> Result<(), MqttError> {
         self.publish_report(report)
     }
+
+    fn push_ack(&self, ack: &PushAck) -> Result<(), MqttError> {
+        self.publish_push_ack(ack)
+    }
 }
 
 /// The publishing half of the session; the event loop runs in its own task.
@@ -90,6 +122,7 @@ pub struct MqttSession {
     client: AsyncClient,
     register_topic: String,
     status_topic: String,
+    ack_topic: String,
 }
 
 impl MqttSession {
@@ -115,12 +148,16 @@ impl MqttSession {
         event_loop.set_network_options(network);
 
         let (events, receiver) = mpsc::channel(EVENT_CAPACITY);
-        let notify_topic = device_topic(device_id, DeviceTopic::Notify);
-        let task = tokio::spawn(drive(event_loop, client.clone(), notify_topic, events));
+        let topics = InboundTopics {
+            notify: device_topic(device_id, DeviceTopic::Notify),
+            chunk: device_topic(device_id, DeviceTopic::Chunk),
+        };
+        let task = tokio::spawn(drive(event_loop, client.clone(), topics, events));
         let session = MqttSession {
             client,
             register_topic: device_topic(device_id, DeviceTopic::Register),
             status_topic: device_topic(device_id, DeviceTopic::Status),
+            ack_topic: device_topic(device_id, DeviceTopic::Ack),
         };
         (session, receiver, task)
     }
@@ -137,6 +174,13 @@ impl MqttSession {
             "reporting"
         );
         self.publish(&self.status_topic, encode(report))
+    }
+
+    /// Push mode: tells the server how many bytes of the artifact are
+    /// durably written.
+    pub fn publish_push_ack(&self, ack: &PushAck) -> Result<(), MqttError> {
+        tracing::debug!(deployment = %ack.deployment_id, offset = ack.offset, "acknowledging pushed bytes");
+        self.publish(&self.ack_topic, encode(ack))
     }
 
     fn publish(&self, topic: &str, payload: Vec<u8>) -> Result<(), MqttError> {
@@ -156,12 +200,18 @@ impl MqttSession {
     }
 }
 
+/// The topics the device subscribes to.
+struct InboundTopics {
+    notify: String,
+    chunk: String,
+}
+
 /// Polls the event loop forever (until DISCONNECT is sent or the agent is
 /// gone), reconnecting with backoff.
 async fn drive(
     mut event_loop: EventLoop,
     client: AsyncClient,
-    notify_topic: String,
+    topics: InboundTopics,
     events: mpsc::Sender<MqttEvent>,
 ) {
     let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);
@@ -181,8 +231,10 @@ async fn drive(
                 tracing::info!(session_present = connack.session_present, "MQTT connected");
                 // Subscribing again on a resumed session is harmless and
                 // covers a broker that lost the session.
-                if let Err(e) = client.try_subscribe(notify_topic.as_str(), QoS::AtLeastOnce) {
-                    tracing::warn!(error = %e, "cannot queue the notify subscription");
+                for topic in [&topics.notify, &topics.chunk] {
+                    if let Err(e) = client.try_subscribe(topic.as_str(), QoS::AtLeastOnce) {
+                        tracing::warn!(error = %e, %topic, "cannot queue a subscription");
+                    }
                 }
                 Some(MqttEvent::Connected)
             }
@@ -192,11 +244,14 @@ async fn drive(
                     .iter()
                     .any(|code| matches!(code, SubscribeReasonCode::Failure))
                 {
-                    tracing::error!(topic = %notify_topic, "broker refused the notify subscription");
+                    tracing::error!(packet = suback.pkid, "broker refused a subscription");
                 }
                 None
             }
-            Event::Incoming(Packet::Publish(publish)) if publish.topic == notify_topic => {
+            Event::Incoming(Packet::Publish(publish)) if publish.topic == topics.chunk => {
+                Some(MqttEvent::Chunk(publish.payload))
+            }
+            Event::Incoming(Packet::Publish(publish)) if publish.topic == topics.notify => {
                 match decode::<ServerMessage>(&publish.payload) {
                     Ok(message) => Some(MqttEvent::Message(message)),
                     Err(error) => {

@@ -114,7 +114,8 @@ fn quarantine_if_corrupt<T>(loaded: Result<T, StateError>) -> Result<Option<T>, 
     }
 }
 
-fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
+/// Reads a bounded JSON state file; `None` when it does not exist.
+pub(crate) fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
     let io_error = |source| StateError::Io {
         path: path.to_owned(),
         source,

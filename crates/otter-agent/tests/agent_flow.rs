@@ -227,7 +227,7 @@ fn unix_now() -> i64 {
 struct Running {
     events: mpsc::Sender<MqttEvent>,
     stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<otter_agent::RunOutcome>>,
 }
 
 impl Running {

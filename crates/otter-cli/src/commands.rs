@@ -191,6 +191,10 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
                             d.hardware.clone(),
                             d.tags.join(","),
                             d.mode.map(|m| m.as_str()).unwrap_or("-").to_owned(),
+                            d.registered_via
+                                .map(|via| via.as_str())
+                                .unwrap_or("-")
+                                .to_owned(),
                             installed_summary(&d.installed),
                             output::or_dash(d.last_seen.as_deref()),
                         ]
@@ -202,6 +206,7 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
                         "HARDWARE",
                         "TAGS",
                         "MODE",
+                        "VIA",
                         "INSTALLED",
                         "LAST SEEN",
                     ],
@@ -477,7 +482,14 @@ pub fn write_bundle(out: &Path, enrolled: &EnrollResponse, hardware: &str) -> an
 # Relative paths are relative to this file's folder.
 device_id = {id}
 hardware = {hardware}
+# "push-pull" (MQTT notification, HTTPS download), "pull" (HTTPS polling only)
+# or "push".
 mode = "push-pull"
+# Pull mode: time between two polls of device_url (each one ± 10 % jitter).
+poll_interval = "30s"
+# Push-pull: a safety-net poll this often picks up a missed notification;
+# "0s" disables it.
+reconcile_interval = "6h"
 mqtt_url = {mqtt}
 device_url = {device}
 ca = "ca.crt"

@@ -5,11 +5,16 @@
 //! feeds the result back with [`Job::advance`]; this module decides what the
 //! next step is, what to report, and whether a new notification starts a
 //! job, refreshes a link, or only repeats an old answer.
+//!
+//! A job remembers how its artifact arrives ([`Delivery`]): fetched from the
+//! notification's link (push-pull, pull), or pushed by the server over MQTT
+//! (push, [`Job::from_offer`]). Everything after the artifact is complete is
+//! the same for both.
 
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::Manifest;
-use crate::messages::{DeviceEvent, StatusReport, UpdateNotification};
+use crate::messages::{DeviceEvent, PushOffer, StatusReport, UpdateNotification};
 
 /// Where a job stands. Persisted by the agent, so a restart resumes here.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,10 +46,34 @@ pub enum Action {
     Idle,
 }
 
+/// How a job's artifact reaches the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Delivery {
+    /// Downloaded from `notification.link` (push-pull and pull modes).
+    #[default]
+    Link,
+    /// Sent by the server in chunks on the device's `chunk` topic (push
+    /// mode). The notification's `link` is empty and unused.
+    Push {
+        /// Size of the server's chunks, from the offer.
+        chunk_size: u32,
+    },
+}
+
+impl Delivery {
+    pub fn is_link(&self) -> bool {
+        matches!(self, Delivery::Link)
+    }
+}
+
 /// One deployment on this device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Job {
     pub notification: UpdateNotification,
+    /// Absent in jobs persisted before push mode existed: those are links.
+    #[serde(default, skip_serializing_if = "Delivery::is_link")]
+    pub delivery: Delivery,
     #[serde(flatten)]
     pub stage: Stage,
 }
@@ -77,11 +106,35 @@ pub enum Decision {
 }
 
 impl Job {
+    /// A new job fetching from the notification's link.
     pub fn new(notification: UpdateNotification) -> Self {
+        Job::with_delivery(notification, Delivery::Link)
+    }
+
+    pub fn with_delivery(notification: UpdateNotification, delivery: Delivery) -> Self {
         Job {
             notification,
+            delivery,
             stage: Stage::Received,
         }
+    }
+
+    /// The notification and delivery of a push offer: the same fields as an
+    /// update, with no link (see [`Delivery::Push`]), so [`decide`] and every
+    /// later step treat both alike.
+    pub fn from_offer(offer: PushOffer) -> (UpdateNotification, Delivery) {
+        let delivery = Delivery::Push {
+            chunk_size: offer.chunk_size,
+        };
+        let notification = UpdateNotification {
+            deployment_id: offer.deployment_id,
+            release: offer.release,
+            manifest: offer.manifest,
+            link: String::new(),
+            link_expires_at: 0,
+            data_key: offer.data_key,
+        };
+        (notification, delivery)
     }
 
     pub fn next_action(&self) -> Action {
@@ -209,6 +262,7 @@ mod tests {
     fn job(deployment: &str, stage: Stage) -> Job {
         Job {
             notification: notification(deployment),
+            delivery: Delivery::Link,
             stage,
         }
     }
@@ -309,6 +363,55 @@ mod tests {
         let mut j = Job::new(notification("d1"));
         j.advance(StepResult::RolledBack("health check".into()));
         let text = serde_json::to_string(&j).unwrap();
+        assert!(!text.contains("delivery"), "{text}");
         assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), j);
+
+        let (pushed, delivery) = Job::from_offer(offer("d2"));
+        let p = Job::with_delivery(pushed, delivery);
+        let text = serde_json::to_string(&p).unwrap();
+        assert!(
+            text.contains(r#""delivery":{"kind":"push","chunk_size":4096}"#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), p);
+    }
+
+    fn offer(deployment: &str) -> PushOffer {
+        let n = notification(deployment);
+        PushOffer {
+            deployment_id: n.deployment_id,
+            release: n.release,
+            manifest: n.manifest,
+            data_key: "a2V5".into(),
+            chunk_size: 4096,
+        }
+    }
+
+    #[test]
+    fn offers_become_linkless_push_jobs() {
+        let (n, delivery) = Job::from_offer(offer("d1"));
+        assert_eq!(delivery, Delivery::Push { chunk_size: 4096 });
+        assert_eq!(
+            (n.deployment_id.as_str(), n.link.as_str(), n.link_expires_at),
+            ("d1", "", 0)
+        );
+        assert_eq!(n.data_key, "a2V5");
+        let j = Job::with_delivery(n.clone(), delivery);
+        assert_eq!(j.next_action(), Action::Download);
+        // An offer is decided like an update: the same deployment while
+        // receiving is a refresh (the shell answers with its offset).
+        let m = crate::manifest::tests::sample();
+        assert_eq!(
+            decide(Some(&j), &n, &m, None, "revB"),
+            Decision::RefreshLink
+        );
+        assert_eq!(decide(None, &n, &m, None, "revB"), Decision::Start);
+    }
+
+    #[test]
+    fn jobs_persisted_before_push_mode_are_links() {
+        let old = r#"{"notification":{"deployment_id":"d1","release":"sensor-fw@1.2.3","manifest":{"manifest":"","signer":"","signature":""},"link":"https://x/y","link_expires_at":100,"data_key":""},"stage":"received"}"#;
+        let j: Job = serde_json::from_str(old).unwrap();
+        assert_eq!((j.delivery, j.stage), (Delivery::Link, Stage::Received));
     }
 }

@@ -58,13 +58,19 @@ impl<'a> PushChunk<'a> {
             return Err(ChunkError::Version(version));
         }
         let (&id_len, rest) = rest.split_first().ok_or(ChunkError::Truncated)?;
-        let (id, rest) = rest.split_at_checked(usize::from(id_len)).ok_or(ChunkError::Truncated)?;
+        let (id, rest) = rest
+            .split_at_checked(usize::from(id_len))
+            .ok_or(ChunkError::Truncated)?;
         let deployment_id = std::str::from_utf8(id).map_err(|_| ChunkError::DeploymentId)?;
         let (offset, data) = rest.split_first_chunk::<8>().ok_or(ChunkError::Truncated)?;
         if data.len() > MAX_CHUNK_BYTES {
             return Err(ChunkError::TooLarge(data.len()));
         }
-        Ok(PushChunk { deployment_id, offset: u64::from_be_bytes(*offset), data })
+        Ok(PushChunk {
+            deployment_id,
+            offset: u64::from_be_bytes(*offset),
+            data,
+        })
     }
 }
 
@@ -75,25 +81,49 @@ mod tests {
     #[test]
     fn round_trip() {
         for data in [&b""[..], b"x", &[7u8; 1000]] {
-            let chunk = PushChunk { deployment_id: "dep-1", offset: 1 << 40, data };
+            let chunk = PushChunk {
+                deployment_id: "dep-1",
+                offset: 1 << 40,
+                data,
+            };
             assert_eq!(PushChunk::decode(&chunk.encode()), Ok(chunk));
         }
     }
 
     #[test]
     fn bad_bytes_are_errors() {
-        let good = PushChunk { deployment_id: "dep-1", offset: 5, data: b"abc" }.encode();
+        let good = PushChunk {
+            deployment_id: "dep-1",
+            offset: 5,
+            data: b"abc",
+        }
+        .encode();
         for cut in 0..(2 + 5 + 8) {
-            assert_eq!(PushChunk::decode(&good[..cut]), Err(ChunkError::Truncated), "cut at {cut}");
+            assert_eq!(
+                PushChunk::decode(&good[..cut]),
+                Err(ChunkError::Truncated),
+                "cut at {cut}"
+            );
         }
         let mut wrong_version = good.clone();
         wrong_version[0] = 9;
-        assert_eq!(PushChunk::decode(&wrong_version), Err(ChunkError::Version(9)));
+        assert_eq!(
+            PushChunk::decode(&wrong_version),
+            Err(ChunkError::Version(9))
+        );
         let mut bad_id = good.clone();
         bad_id[2] = 0xff;
         assert_eq!(PushChunk::decode(&bad_id), Err(ChunkError::DeploymentId));
-        let mut big = PushChunk { deployment_id: "d", offset: 0, data: &[] }.encode();
+        let mut big = PushChunk {
+            deployment_id: "d",
+            offset: 0,
+            data: &[],
+        }
+        .encode();
         big.extend(std::iter::repeat_n(0u8, MAX_CHUNK_BYTES + 1));
-        assert_eq!(PushChunk::decode(&big), Err(ChunkError::TooLarge(MAX_CHUNK_BYTES + 1)));
+        assert_eq!(
+            PushChunk::decode(&big),
+            Err(ChunkError::TooLarge(MAX_CHUNK_BYTES + 1))
+        );
     }
 }

@@ -29,10 +29,12 @@ pub enum DeviceTopic {
 }
 
 impl DeviceTopic {
-    pub const ALL: [DeviceTopic; 3] = [
+    pub const ALL: [DeviceTopic; 5] = [
         DeviceTopic::Register,
         DeviceTopic::Status,
         DeviceTopic::Notify,
+        DeviceTopic::Ack,
+        DeviceTopic::Chunk,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,7 +49,10 @@ impl DeviceTopic {
 
     /// Whether the device itself may publish on this topic.
     pub fn device_may_publish(self) -> bool {
-        matches!(self, DeviceTopic::Register | DeviceTopic::Status | DeviceTopic::Ack)
+        matches!(
+            self,
+            DeviceTopic::Register | DeviceTopic::Status | DeviceTopic::Ack
+        )
     }
 
     /// Whether the device may subscribe to this topic.

@@ -81,6 +81,13 @@ pub enum AuditEvent {
     LinkRefused,
     /// A device message could not be accepted.
     MessageRejected,
+    /// Push mode: the offer was published, with the offset last
+    /// acknowledged (step 4).
+    PushOffered,
+    /// Push mode: a transfer restarted from a non-zero acknowledged offset.
+    PushResumed,
+    /// Push mode: the device holds the whole artifact, with the bytes sent.
+    PushCompleted,
 }
 
 impl AuditEvent {
@@ -103,6 +110,9 @@ impl AuditEvent {
             AuditEvent::DownloadServed => "download.served",
             AuditEvent::LinkRefused => "link.refused",
             AuditEvent::MessageRejected => "message.rejected",
+            AuditEvent::PushOffered => "push.offered",
+            AuditEvent::PushResumed => "push.resumed",
+            AuditEvent::PushCompleted => "push.completed",
         }
     }
 }

@@ -6,8 +6,8 @@
 //! `ClientAuthenticate` hook admits a client only when that CN is a valid
 //! [`DeviceId`] equal to the MQTT client id, and never as superuser, so the ACL
 //! hooks always run. A device may subscribe to its own
-//! `otter/devices/<id>/notify` and publish to its own `register` and `status`,
-//! nothing else.
+//! `otter/devices/<id>/notify` and `chunk` (push mode) and publish to its own
+//! `register`, `status` and `ack` (push mode), nothing else.
 //!
 //! Inbound: the `MessagePublish` hook turns each device publish that passes the
 //! ACL into a [`BrokerEvent::Message`] on a bounded channel; connection hooks
@@ -509,6 +509,9 @@ mod tests {
     fn subscriptions_are_limited_to_the_own_notify_topic() {
         let cases = [
             ("dev-1", "otter/devices/dev-1/notify", true),
+            ("dev-1", "otter/devices/dev-1/chunk", true),
+            ("dev-1", "otter/devices/dev-2/chunk", false),
+            ("dev-1", "otter/devices/dev-1/ack", false),
             ("dev-1", "otter/devices/dev-2/notify", false),
             ("dev-1", "otter/devices/dev-1/status", false),
             ("dev-1", "otter/devices/dev-1/register", false),
@@ -540,7 +543,13 @@ mod tests {
                 "otter/devices/dev-1/status",
                 Some((dev_1.clone(), DeviceTopic::Status)),
             ),
+            (
+                "otter/devices/dev-1/ack",
+                Some((dev_1.clone(), DeviceTopic::Ack)),
+            ),
             ("otter/devices/dev-1/notify", None),
+            ("otter/devices/dev-1/chunk", None),
+            ("otter/devices/dev-2/ack", None),
             ("otter/devices/dev-2/status", None),
             ("otter/devices/dev-1/status/extra", None),
             ("other/topic", None),

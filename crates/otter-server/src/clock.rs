@@ -13,6 +13,11 @@ pub fn now_rfc3339() -> String {
     format_rfc3339(OffsetDateTime::now_utc())
 }
 
+/// The instant `age` ago, formatted for storage (to compare with stored times).
+pub fn rfc3339_ago(age: std::time::Duration) -> String {
+    format_rfc3339(OffsetDateTime::now_utc() - age)
+}
+
 /// Current Unix time in seconds.
 pub fn now_unix() -> i64 {
     OffsetDateTime::now_utc().unix_timestamp()

@@ -33,6 +33,8 @@ pub struct ServerConfig {
     pub link_ttl: Duration,
     /// Largest package upload accepted, in bytes.
     pub max_upload_bytes: u64,
+    /// Chunk size, window and resend timeout of push mode.
+    pub push: crate::push::PushSettings,
 }
 
 impl ServerConfig {
@@ -49,6 +51,7 @@ impl ServerConfig {
             trusted_signers: Vec::new(),
             link_ttl: DEFAULT_LINK_TTL,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
+            push: crate::push::PushSettings::default(),
         }
     }
 

@@ -1,6 +1,22 @@
-//! The device HTTPS endpoint (step 6): mutual TLS, one route,
-//! `GET /v1/download/{token}`, streaming a release artifact with `Range`
-//! support to the one device a link belongs to.
+//! The device HTTPS endpoint: mutual TLS, three routes, each answering the
+//! device named by the client certificate and no other.
+//!
+//! - `GET /v1/download/{token}` (step 6) streams a release artifact with
+//!   `Range` support to the one device a link belongs to.
+//! - `POST /v1/poll` (pull mode, and push-pull's reconcile poll) takes the
+//!   device's `Registration`, stores it like an MQTT registration, and
+//!   answers `PollResponse` with the device's first pending deployment, its
+//!   link and notification made by `notify` (the same code as the MQTT
+//!   publish). The `ETag` names the answer (deployment and link, or
+//!   `"none"`), so a device that sends it back as `If-None-Match` gets a
+//!   bodiless `304` while nothing changed: an idle poll costs a few hundred
+//!   bytes.
+//! - `POST /v1/status` takes a `StatusReport` and applies it with
+//!   `engine::apply_report`, the function the MQTT path uses.
+//!
+//! Device bodies are bounded by `otter_proto::MAX_MESSAGE_BYTES`; a
+//! malformed one is answered `400 malformed-message` and audited
+//! `message.rejected`, as over MQTT.
 //!
 //! The accept loop is ours (tokio `TcpListener` → `tokio-rustls` with the
 //! device TLS configuration of the PKI, which requires a client certificate
@@ -19,11 +35,16 @@ use axum::body::Body;
 use axum::extract::{Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, Request, StatusCode, header};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use otter_proto::api::Channel;
+use otter_proto::messages::{
+    DecodeError, PollResponse, Registration, StatusReport, decode, encode,
+};
 use otter_proto::topics::DeviceId;
+use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -34,10 +55,16 @@ use tower::ServiceExt;
 use crate::audit::{Actor, AuditEvent, AuditRecord};
 use crate::blobs::{BlobKey, BlobStore};
 use crate::clock;
+use crate::engine::{self, ReportOutcome};
 use crate::error::ApiError;
 use crate::links::{self, LinkRefusal, LinkSecret, LinkToken};
+use crate::notify::{Notifier, NotifyError, Preparation, PreparedUpdate};
 use crate::pki;
-use crate::store::Store;
+use crate::store::{RegistrationOutcome, Store};
+
+/// A poll whose registration equals the stored one refreshes the device's
+/// `last_seen` at most this often, so idle polls rarely write the database.
+pub const LAST_SEEN_REFRESH: Duration = Duration::from_secs(60);
 
 /// Limits of the endpoint.
 #[derive(Debug, Clone)]
@@ -65,19 +92,23 @@ impl Default for DeviceEndpointLimits {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerDevice(pub DeviceId);
 
-/// What the download handler needs.
+/// What the endpoint's handlers need.
 #[derive(Clone)]
-pub struct DownloadState {
+pub struct DeviceEndpointState {
     pub store: Store,
     pub blobs: BlobStore,
     pub link_secret: Arc<LinkSecret>,
+    /// Makes the links and notifications a poll answers with.
+    pub notifier: Notifier,
 }
 
 /// The endpoint's routes. Requests must carry a [`PeerDevice`] extension,
 /// which [`serve`] adds.
-pub fn router(state: DownloadState) -> Router {
+pub fn router(state: DeviceEndpointState) -> Router {
     Router::new()
         .route("/v1/download/{token}", get(download))
+        .route("/v1/poll", post(poll))
+        .route("/v1/status", post(status))
         .fallback(|| async { ApiError::not_found("not-found", "no such route") })
         .with_state(state)
 }
@@ -257,7 +288,7 @@ fn refusal_error(refusal: LinkRefusal) -> ApiError {
 }
 
 async fn download(
-    State(state): State<DownloadState>,
+    State(state): State<DeviceEndpointState>,
     Extension(PeerDevice(device_id)): Extension<PeerDevice>,
     Path(token_text): Path<String>,
     headers: HeaderMap,
@@ -374,6 +405,204 @@ async fn download(
         }
     }
     Ok(response)
+}
+
+impl From<NotifyError> for ApiError {
+    fn from(error: NotifyError) -> Self {
+        ApiError::internal("preparing a notification", &error)
+    }
+}
+
+/// Reads and decodes a device message body (at most
+/// `otter_proto::MAX_MESSAGE_BYTES`). A refused one is audited
+/// `message.rejected` with `topic` and answered 413 or 400.
+async fn device_message<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    device_id: &DeviceId,
+    topic: &'static str,
+    body: Body,
+) -> Result<T, ApiError> {
+    let decoded = match axum::body::to_bytes(body, otter_proto::MAX_MESSAGE_BYTES).await {
+        Ok(bytes) => decode::<T>(&bytes),
+        Err(error) => {
+            let too_large = error
+                .into_inner()
+                .downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some();
+            if !too_large {
+                // The connection failed mid-body: nothing to answer or audit.
+                return Err(ApiError::bad_request(
+                    "malformed-message",
+                    "the request body could not be read",
+                ));
+            }
+            Err(DecodeError::TooLarge(otter_proto::MAX_MESSAGE_BYTES + 1))
+        }
+    };
+    match decoded {
+        Ok(message) => Ok(message),
+        Err(error) => {
+            let (status, code) = match error {
+                DecodeError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "message-too-large"),
+                DecodeError::Malformed(_) => (StatusCode::BAD_REQUEST, "malformed-message"),
+            };
+            reject(store, device_id, topic, status, code, error.to_string()).await
+        }
+    }
+}
+
+/// Audits `message.rejected` and returns the error answer.
+async fn reject<T>(
+    store: &Store,
+    device_id: &DeviceId,
+    topic: &'static str,
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+) -> Result<T, ApiError> {
+    tracing::warn!(device = %device_id, topic, code, %message, "rejected a device message");
+    engine::audit_rejection(store, device_id, topic, code, &message).await?;
+    Err(ApiError::new(status, code, message))
+}
+
+/// The `ETag` of a poll answer: it names the deployment and the link, which
+/// together fix everything the answer carries.
+pub fn poll_etag(prepared: Option<&PreparedUpdate>) -> String {
+    let Some(prepared) = prepared else {
+        return "\"none\"".to_owned();
+    };
+    let mut hasher = Sha256::new();
+    hasher.update(prepared.notification.deployment_id.as_bytes());
+    hasher.update([0]);
+    hasher.update(prepared.link_id.to_hex().as_bytes());
+    let digest = hasher.finalize();
+    format!("\"{}\"", hex::encode(&digest[..8]))
+}
+
+/// Whether an `If-None-Match` header lists `etag` (weak or strong) or `*`.
+fn matches_if_none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|tag| tag.trim())
+        .any(|tag| tag == "*" || tag.strip_prefix("W/").unwrap_or(tag) == etag)
+}
+
+/// `POST /v1/poll`: registration in, the first pending update (or none) out.
+async fn poll(
+    State(state): State<DeviceEndpointState>,
+    Extension(PeerDevice(device_id)): Extension<PeerDevice>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let registration: Registration = device_message(&state.store, &device_id, "poll", body).await?;
+    if registration.protocol != otter_proto::PROTOCOL_VERSION {
+        let message = format!(
+            "protocol version {} is not supported (expected {})",
+            registration.protocol,
+            otter_proto::PROTOCOL_VERSION
+        );
+        return reject(
+            &state.store,
+            &device_id,
+            "poll",
+            StatusCode::BAD_REQUEST,
+            "malformed-message",
+            message,
+        )
+        .await;
+    }
+    let outcome = state
+        .store
+        .record_registration(
+            &device_id,
+            &registration,
+            Channel::Poll,
+            &clock::now_rfc3339(),
+            &clock::rfc3339_ago(LAST_SEEN_REFRESH),
+        )
+        .await?;
+    match outcome {
+        RegistrationOutcome::UnknownDevice => {
+            return reject(
+                &state.store,
+                &device_id,
+                "poll",
+                StatusCode::FORBIDDEN,
+                "unknown-device",
+                "this device is not enrolled".to_owned(),
+            )
+            .await;
+        }
+        RegistrationOutcome::Recorded => {
+            tracing::info!(device = %device_id, mode = registration.mode.as_str(), agent = %registration.agent_version, via = "poll", "device registered");
+        }
+        RegistrationOutcome::Unchanged => {}
+    }
+
+    let mut prepared = None;
+    for deployment_id in state.store.deployments_needing_link(&device_id).await? {
+        if let Preparation::Ready(update) = state
+            .notifier
+            .prepare_update(&device_id, &deployment_id)
+            .await?
+        {
+            prepared = Some(update);
+            break;
+        }
+    }
+    let etag = poll_etag(prepared.as_ref());
+    // Built from hex digits and quotes only.
+    let etag_value =
+        HeaderValue::from_str(&etag).map_err(|e| ApiError::internal("formatting an ETag", &e))?;
+    if matches_if_none_match(&headers, &etag) {
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::NOT_MODIFIED;
+        response.headers_mut().insert(header::ETAG, etag_value);
+        return Ok(response);
+    }
+    if let Some(update) = &prepared {
+        state
+            .notifier
+            .record_delivery(&device_id, update, Channel::Poll)
+            .await?;
+    }
+    let answer = PollResponse {
+        update: prepared.map(|update| update.notification),
+    };
+    let mut response = Response::new(Body::from(encode(&answer)));
+    let response_headers = response.headers_mut();
+    response_headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response_headers.insert(header::ETAG, etag_value);
+    Ok(response)
+}
+
+/// `POST /v1/status`: a status report over HTTPS, handled as over MQTT.
+async fn status(
+    State(state): State<DeviceEndpointState>,
+    Extension(PeerDevice(device_id)): Extension<PeerDevice>,
+    body: Body,
+) -> Result<StatusCode, ApiError> {
+    let report: StatusReport = device_message(&state.store, &device_id, "status", body).await?;
+    match engine::apply_report(&state.store, &device_id, &report).await? {
+        ReportOutcome::UnknownDeployment => {
+            reject(
+                &state.store,
+                &device_id,
+                "status",
+                StatusCode::NOT_FOUND,
+                "unknown-deployment",
+                engine::unknown_deployment_message(&report),
+            )
+            .await
+        }
+        ReportOutcome::Applied | ReportOutcome::Ignored => Ok(StatusCode::NO_CONTENT),
+    }
 }
 
 #[cfg(test)]

@@ -6,14 +6,19 @@
 //! Notifications for a new deployment are queued and sent one device per
 //! loop turn, interleaved with incoming events, so a large deployment does
 //! not hold up devices' reports.
+//!
+//! Push mode's transfers ([`crate::push::Pusher`]) are owned here too:
+//! acknowledgements and disconnections move them, and the loop wakes at
+//! their earliest resend deadline.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use otter_proto::api::Channel;
 use otter_proto::deployment::{self, Outcome};
 use otter_proto::messages::{
-    DecodeError, ErrorMessage, Registration, ServerMessage, StatusReport, decode, encode,
+    DecodeError, ErrorMessage, PushAck, Registration, ServerMessage, StatusReport, decode, encode,
 };
 use otter_proto::topics::{DeviceId, DeviceTopic};
 use tokio::sync::mpsc;
@@ -23,7 +28,8 @@ use crate::audit::{Actor, AuditEvent, AuditRecord};
 use crate::broker::{BrokerEvent, MessageBus};
 use crate::clock;
 use crate::notify::{Notifier, NotifyError};
-use crate::store::{AdvanceOutcome, Store, StoreError};
+use crate::push::{PushError, Pusher};
+use crate::store::{AdvanceOutcome, RegistrationOutcome, Store, StoreError};
 
 /// Capacity of the API → engine channel.
 pub const COMMAND_CAPACITY: usize = 64;
@@ -45,6 +51,8 @@ enum EngineError {
     Store(#[from] StoreError),
     #[error(transparent)]
     Notify(#[from] NotifyError),
+    #[error(transparent)]
+    Push(#[from] PushError),
 }
 
 /// The engine and what it drives.
@@ -54,15 +62,18 @@ pub struct Engine {
     notifier: Notifier,
     /// Devices still to notify, with their deployment.
     queue: VecDeque<(DeviceId, String)>,
+    /// Push transfers in progress.
+    push: Pusher,
 }
 
 impl Engine {
-    pub fn new(notifier: Notifier) -> Self {
+    pub fn new(notifier: Notifier, push: Pusher) -> Self {
         Engine {
             store: notifier.store.clone(),
             bus: notifier.bus.clone(),
             notifier,
             queue: VecDeque::new(),
+            push,
         }
     }
 
@@ -93,6 +104,9 @@ impl Engine {
                         self.notify(&device_id, &deployment_id).await;
                     }
                 }
+                () = sleep_until(self.push.next_deadline()) => {
+                    self.push.on_deadline(std::time::Instant::now()).await;
+                }
             }
         }
         tracing::debug!("engine stopped");
@@ -104,7 +118,7 @@ impl Engine {
         }
     }
 
-    async fn handle_event(&self, event: BrokerEvent) {
+    async fn handle_event(&mut self, event: BrokerEvent) {
         let result = match event {
             BrokerEvent::Message {
                 device_id,
@@ -113,24 +127,46 @@ impl Engine {
             } => match topic {
                 DeviceTopic::Register => self.handle_registration(&device_id, &payload).await,
                 DeviceTopic::Status => self.handle_status(&device_id, &payload).await,
-                DeviceTopic::Ack => {
-                    tracing::warn!(device = %device_id, "push mode is not implemented yet; ignoring an ack");
-                    Ok(())
-                }
+                DeviceTopic::Ack => self.handle_push_ack(&device_id, &payload).await,
                 DeviceTopic::Notify | DeviceTopic::Chunk => {
                     tracing::warn!(device = %device_id, ?topic, "ignoring a device message on a server topic");
                     Ok(())
                 }
             },
-            BrokerEvent::Connected { device_id } | BrokerEvent::Disconnected { device_id } => self
-                .store
-                .touch_device(&device_id, &clock::now_rfc3339())
-                .await
-                .map_err(EngineError::from),
+            BrokerEvent::Connected { device_id } => {
+                self.push.on_connect(&device_id);
+                self.store
+                    .touch_device(&device_id, &clock::now_rfc3339())
+                    .await
+                    .map_err(EngineError::from)
+            }
+            BrokerEvent::Disconnected { device_id } => {
+                self.push.on_disconnect(&device_id);
+                self.store
+                    .touch_device(&device_id, &clock::now_rfc3339())
+                    .await
+                    .map_err(EngineError::from)
+            }
         };
         if let Err(error) = result {
             tracing::error!(%error, "handling a device event failed");
         }
+    }
+
+    /// Push mode: the device acknowledged bytes it durably holds.
+    async fn handle_push_ack(
+        &mut self,
+        device_id: &DeviceId,
+        payload: &Bytes,
+    ) -> Result<(), EngineError> {
+        let ack: PushAck = match decode(payload) {
+            Ok(ack) => ack,
+            Err(error) => return self.reject(device_id, "ack", &error).await,
+        };
+        self.push
+            .on_ack(device_id, &ack, std::time::Instant::now())
+            .await?;
+        Ok(())
     }
 
     /// Step 1, then step 4 for whatever is pending for the device.
@@ -151,11 +187,14 @@ impl Engine {
             ));
             return self.reject(device_id, "register", &error).await;
         }
-        if !self
+        // Every MQTT registration is stored and audited, so the last-seen
+        // threshold (for unchanged polls) does not apply.
+        let now = clock::now_rfc3339();
+        let outcome = self
             .store
-            .record_registration(device_id, &registration, &clock::now_rfc3339())
-            .await?
-        {
+            .record_registration(device_id, &registration, Channel::Mqtt, &now, &now)
+            .await?;
+        if outcome == RegistrationOutcome::UnknownDevice {
             return self
                 .answer_error(
                     device_id,
@@ -182,62 +221,18 @@ impl Engine {
             Ok(report) => report,
             Err(error) => return self.reject(device_id, "status", &error).await,
         };
-        let Some(target) = self
-            .store
-            .notification_target(&report.deployment_id, device_id)
-            .await?
-        else {
-            return self
-                .answer_error(
+        match apply_report(&self.store, device_id, &report).await? {
+            ReportOutcome::UnknownDeployment => {
+                self.answer_error(
                     device_id,
                     "status",
                     "unknown-deployment",
-                    &format!(
-                        "deployment {:?} does not target this device",
-                        report.deployment_id
-                    ),
+                    &unknown_deployment_message(&report),
                 )
-                .await;
-        };
-        match deployment::apply(target.phase, report.event) {
-            Outcome::Advanced { to, revoke_link } => {
-                let outcome = self
-                    .store
-                    .advance_target(
-                        &report.deployment_id,
-                        device_id,
-                        target.phase,
-                        to,
-                        report.event,
-                        report.detail.as_deref(),
-                        revoke_link,
-                        &clock::now_rfc3339(),
-                    )
-                    .await?;
-                match outcome {
-                    AdvanceOutcome::Advanced { revoked_links } => tracing::info!(
-                        device = %device_id,
-                        deployment = %report.deployment_id,
-                        phase = to.as_str(),
-                        revoked_links,
-                        "device progressed"
-                    ),
-                    AdvanceOutcome::Stale => tracing::debug!(
-                        device = %device_id,
-                        deployment = %report.deployment_id,
-                        "report raced another change; ignored"
-                    ),
-                }
+                .await
             }
-            Outcome::Ignored(reason) => tracing::debug!(
-                device = %device_id,
-                deployment = %report.deployment_id,
-                event = report.event.as_str(),
-                reason,
-                "report ignored"
-            ),
+            ReportOutcome::Applied | ReportOutcome::Ignored => Ok(()),
         }
-        Ok(())
     }
 
     /// A message that is not a valid message: answer, audit, log.
@@ -261,13 +256,7 @@ impl Engine {
         code: &str,
         message: &str,
     ) -> Result<(), EngineError> {
-        let actor = Actor::device(device_id);
-        let record = AuditRecord::new(&actor, AuditEvent::MessageRejected)
-            .device(device_id.as_str())
-            .details(serde_json::json!({ "topic": topic, "code": code, "reason": message }));
-        self.store
-            .append_audit(&clock::now_rfc3339(), &record)
-            .await?;
+        audit_rejection(&self.store, device_id, topic, code, message).await?;
         let answer = ServerMessage::Error(ErrorMessage {
             code: code.to_owned(),
             message: message.to_owned(),
@@ -280,5 +269,119 @@ impl Engine {
             tracing::debug!(device = %device_id, %error, "cannot answer the device");
         }
         Ok(())
+    }
+}
+
+/// What [`apply_report`] did with a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportOutcome {
+    /// The phase moved (and the link was revoked when the step needs it).
+    Applied,
+    /// The phase machine ignored the event (a repeat, or out of order).
+    Ignored,
+    /// The deployment does not target the device.
+    UnknownDeployment,
+}
+
+/// Steps 5–8, the one handling of a device's status report, whether it came
+/// over MQTT (the engine task) or HTTPS (`device_http`'s `POST /v1/status`):
+/// phase machine, audit row and link revocation.
+///
+/// Safe to call concurrently: the change is one transaction guarded by the
+/// phase it was computed from (`Store::advance_target`), so of two racing
+/// reports one wins and the other is recomputed from the new phase here.
+pub async fn apply_report(
+    store: &Store,
+    device_id: &DeviceId,
+    report: &StatusReport,
+) -> Result<ReportOutcome, StoreError> {
+    // A lost race is recomputed; more than a few in a row means the device
+    // is sending the same report on several channels at once.
+    const ATTEMPTS: usize = 3;
+    for _ in 0..ATTEMPTS {
+        let Some(target) = store
+            .notification_target(&report.deployment_id, device_id)
+            .await?
+        else {
+            return Ok(ReportOutcome::UnknownDeployment);
+        };
+        match deployment::apply(target.phase, report.event) {
+            Outcome::Advanced { to, revoke_link } => {
+                let outcome = store
+                    .advance_target(
+                        &report.deployment_id,
+                        device_id,
+                        target.phase,
+                        to,
+                        report.event,
+                        report.detail.as_deref(),
+                        revoke_link,
+                        &clock::now_rfc3339(),
+                    )
+                    .await?;
+                match outcome {
+                    AdvanceOutcome::Advanced { revoked_links } => {
+                        tracing::info!(
+                            device = %device_id,
+                            deployment = %report.deployment_id,
+                            phase = to.as_str(),
+                            revoked_links,
+                            "device progressed"
+                        );
+                        return Ok(ReportOutcome::Applied);
+                    }
+                    AdvanceOutcome::Stale => tracing::debug!(
+                        device = %device_id,
+                        deployment = %report.deployment_id,
+                        "report raced another change; retrying"
+                    ),
+                }
+            }
+            Outcome::Ignored(reason) => {
+                tracing::debug!(
+                    device = %device_id,
+                    deployment = %report.deployment_id,
+                    event = report.event.as_str(),
+                    reason,
+                    "report ignored"
+                );
+                return Ok(ReportOutcome::Ignored);
+            }
+        }
+    }
+    Ok(ReportOutcome::Ignored)
+}
+
+/// The message answering a report on a deployment that does not target the
+/// device.
+pub fn unknown_deployment_message(report: &StatusReport) -> String {
+    format!(
+        "deployment {:?} does not target this device",
+        report.deployment_id
+    )
+}
+
+/// Audits `message.rejected` for a device message the server refused; `topic`
+/// names where it came from (an MQTT topic, or `poll` / `status` over HTTPS).
+pub async fn audit_rejection(
+    store: &Store,
+    device_id: &DeviceId,
+    topic: &str,
+    code: &str,
+    message: &str,
+) -> Result<(), StoreError> {
+    let actor = Actor::device(device_id);
+    let record = AuditRecord::new(&actor, AuditEvent::MessageRejected)
+        .device(device_id.as_str())
+        .details(serde_json::json!({ "topic": topic, "code": code, "reason": message }));
+    store.append_audit(&clock::now_rfc3339(), &record).await?;
+    Ok(())
+}
+
+/// Completes at `deadline`; never when there is none.
+async fn sleep_until(deadline: Option<std::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(tokio::time::Instant::from_std(deadline)).await,
+        None => std::future::pending().await,
     }
 }

@@ -13,8 +13,10 @@
 //! - [`api`]: operator REST API (step 2); [`error`]: JSON error answers.
 //! - [`links`]: link tokens and their verification (steps 4, 6).
 //! - [`notify`]: the one way a link is created and published (step 4).
+//! - [`push`]: push mode, the artifact in acknowledged chunks over MQTT (steps 4–6).
 //! - [`engine`]: registrations and reports driving the phase machine (steps 1, 5–8).
-//! - [`device_http`]: the mTLS download endpoint with ranges (step 6).
+//! - [`device_http`]: the mTLS device endpoint: downloads with ranges (step 6),
+//!   and the poll and status routes of pull mode.
 //! - [`blobs`]: artifact storage.
 
 pub mod api;
@@ -30,6 +32,7 @@ pub mod files;
 pub mod links;
 pub mod notify;
 pub mod pki;
+pub mod push;
 pub mod store;
 
 use std::future::Future;
@@ -49,11 +52,12 @@ pub use config::ServerConfig;
 use crate::api::{ApiState, PublicUrls};
 use crate::blobs::BlobStore;
 use crate::broker::{BrokerConfig, MessageBus};
-use crate::device_http::{DeviceEndpointLimits, DownloadState};
+use crate::device_http::{DeviceEndpointLimits, DeviceEndpointState};
 use crate::engine::Engine;
 use crate::links::LinkSecret;
 use crate::notify::Notifier;
 use crate::pki::Pki;
+use crate::push::Pusher;
 use crate::store::Store;
 
 /// Name of the first operator token, created on first start.
@@ -109,6 +113,10 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         .with_context(|| format!("cannot create {}", data_dir.tmp().display()))?;
     clear_directory(&data_dir.tmp());
 
+    config
+        .push
+        .validate()
+        .map_err(|reason| anyhow::anyhow!("invalid push settings: {reason}"))?;
     let (trusted_signers, trusted_signer_pems) = load_trusted_signers(&config.trusted_signers)?;
     let pki = Arc::new(
         Pki::load_or_create(&data_dir.root, &config.public_hosts)
@@ -153,10 +161,20 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         link_secret: link_secret.clone(),
         device_base_url: urls.device_url.clone(),
         link_ttl: config.link_ttl,
+        push_chunk_size: config.push.chunk_size,
     };
     let (engine_commands, engine_inbox) = mpsc::channel(engine::COMMAND_CAPACITY);
-    let engine_task =
-        tokio::spawn(Engine::new(notifier).run(broker_events, engine_inbox, stop.clone()));
+    let pusher = Pusher::new(
+        store.clone(),
+        notifier.bus.clone(),
+        blobs.clone(),
+        config.push,
+    );
+    let engine_task = tokio::spawn(Engine::new(notifier.clone(), pusher).run(
+        broker_events,
+        engine_inbox,
+        stop.clone(),
+    ));
 
     let api_state = ApiState {
         store: store.clone(),
@@ -175,10 +193,11 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
             .with_graceful_shutdown(api_stop.cancelled_owned())
             .await
     });
-    let device_router = device_http::router(DownloadState {
+    let device_router = device_http::router(DeviceEndpointState {
         store: store.clone(),
         blobs,
         link_secret,
+        notifier,
     });
     let device_task = tokio::spawn(device_http::serve(
         device_listener,

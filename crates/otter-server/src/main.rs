@@ -8,8 +8,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use otter_proto::push::MAX_CHUNK_BYTES;
 use otter_server::ServerConfig;
 use otter_server::config::DEFAULT_MAX_UPLOAD_BYTES;
+use otter_server::push::{self, PushSettings};
 
 /// The Otter update server.
 #[derive(Debug, Parser)]
@@ -40,6 +42,14 @@ struct Flags {
     /// Largest package upload, in bytes.
     #[arg(long, env = "OTTER_MAX_UPLOAD", default_value_t = DEFAULT_MAX_UPLOAD_BYTES)]
     max_upload: u64,
+    /// Push mode: bytes per MQTT chunk (at most 524288).
+    #[arg(long, env = "OTTER_PUSH_CHUNK_SIZE", default_value_t = push::DEFAULT_CHUNK_SIZE,
+          value_parser = clap::value_parser!(u32).range(1..=MAX_CHUNK_BYTES as i64))]
+    push_chunk_size: u32,
+    /// Push mode: chunks sent ahead of the device's last acknowledgement.
+    #[arg(long, env = "OTTER_PUSH_WINDOW", default_value_t = push::DEFAULT_WINDOW_CHUNKS,
+          value_parser = clap::value_parser!(u32).range(1..=1024))]
+    push_window: u32,
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, String> {
@@ -91,6 +101,11 @@ fn main() -> ExitCode {
         api_addr: flags.api_addr,
         device_addr: flags.device_addr,
         mqtt_addr: flags.mqtt_addr,
+        push: PushSettings {
+            chunk_size: flags.push_chunk_size,
+            window_chunks: flags.push_window,
+            ..PushSettings::default()
+        },
         ..ServerConfig::new(flags.data_dir)
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()

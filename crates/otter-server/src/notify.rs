@@ -2,16 +2,23 @@
 //! to a device, used both when a deployment is committed and when a device
 //! registers with something still pending.
 //!
-//! [`Notifier::notify`] reuses the device's current link for the deployment
-//! while at least half of its lifetime remains, otherwise creates one
-//! (`link.created`), publishes `ServerMessage::Update` on the device's
-//! `notify` topic, and then records `notification.sent` and the move from
-//! pending to notified.
+//! [`Notifier::prepare_update`] reuses the device's current link for the
+//! deployment while at least half of its lifetime remains, otherwise creates
+//! one (`link.created`), and builds the `UpdateNotification`;
+//! [`Notifier::record_delivery`] records `notification.sent` (with the
+//! channel) and the move from pending to notified. [`Notifier::notify`]
+//! publishes between the two, on the device's `notify` topic; the device
+//! endpoint's poll (`device_http`) answers with the notification instead.
+//!
+//! `notify` serves each device in the mode it last registered: push-pull as
+//! above, push with a push offer and no link (`crate::push`), pull not at
+//! all (the device gets the update when it polls).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use otter_proto::messages::{ServerMessage, UpdateNotification, encode};
+use otter_proto::api::Channel;
+use otter_proto::messages::{Mode, ServerMessage, UpdateNotification, encode};
 use otter_proto::topics::{DeviceId, DeviceTopic};
 
 use crate::broker::{BrokerError, MessageBus};
@@ -42,6 +49,9 @@ pub enum NotifyOutcome {
     /// The broker has no session for the device: nothing was queued. The
     /// device is notified when it registers.
     DeviceOffline,
+    /// The device is in pull mode (or never registered): nothing is sent;
+    /// it gets the update when it polls.
+    AwaitingPoll,
 }
 
 /// Creates links and publishes notifications.
@@ -53,24 +63,85 @@ pub struct Notifier {
     /// `https://host:port` of the device endpoint.
     pub device_base_url: String,
     pub link_ttl: Duration,
+    /// Chunk size announced in push offers (`crate::push`).
+    pub push_chunk_size: u32,
+}
+
+/// A notification ready to go to a device, made by
+/// [`Notifier::prepare_update`]: the link it carries exists and is usable.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedUpdate {
+    pub notification: UpdateNotification,
+    pub link_id: LinkId,
+}
+
+/// What [`Notifier::prepare_update`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Preparation {
+    Ready(PreparedUpdate),
+    /// The device is past needing its link (downloaded or finished).
+    NotNeeded,
+    /// The deployment does not target the device.
+    NotTargeted,
 }
 
 impl Notifier {
-    /// Notifies `device_id` of `deployment_id` if it still needs its link.
+    /// Tells `device_id` about `deployment_id` if it still needs it, in the
+    /// mode the device last registered with: push-pull gets the link over
+    /// MQTT, push gets a push offer (`crate::push`), pull (or a device never
+    /// registered) gets nothing until it polls.
     pub async fn notify(
         &self,
         device_id: &DeviceId,
         deployment_id: &str,
     ) -> Result<NotifyOutcome, NotifyError> {
+        match self.store.device(device_id).await?.and_then(|d| d.mode) {
+            Some(Mode::PushPull) => {}
+            Some(Mode::Push) => return self.offer_push(device_id, deployment_id).await,
+            Some(Mode::Pull) | None => return Ok(NotifyOutcome::AwaitingPoll),
+        }
+        let prepared = match self.prepare_update(device_id, deployment_id).await? {
+            Preparation::Ready(prepared) => prepared,
+            Preparation::NotNeeded => return Ok(NotifyOutcome::NotNeeded),
+            Preparation::NotTargeted => return Ok(NotifyOutcome::NotTargeted),
+        };
+        let message = ServerMessage::Update(prepared.notification.clone());
+        match self
+            .bus
+            .publish(device_id, DeviceTopic::Notify, encode(&message))
+            .await
+        {
+            Ok(()) => {}
+            Err(BrokerError::NoSession { .. }) => {
+                tracing::debug!(device = %device_id, deployment = deployment_id, "device offline; notification waits for its registration");
+                return Ok(NotifyOutcome::DeviceOffline);
+            }
+            Err(error) => return Err(NotifyError::Publish(error)),
+        }
+        self.record_delivery(device_id, &prepared, Channel::Mqtt)
+            .await?;
+        Ok(NotifyOutcome::Sent)
+    }
+
+    /// Step 4 without the sending: the device's link for the deployment
+    /// (reused while at least half of its lifetime remains, else created and
+    /// audited `link.created`) and the notification carrying it. Both the
+    /// MQTT publish above and the device endpoint's poll answer are made
+    /// here, so there is one way to create a link.
+    pub async fn prepare_update(
+        &self,
+        device_id: &DeviceId,
+        deployment_id: &str,
+    ) -> Result<Preparation, NotifyError> {
         let Some(target) = self
             .store
             .notification_target(deployment_id, device_id)
             .await?
         else {
-            return Ok(NotifyOutcome::NotTargeted);
+            return Ok(Preparation::NotTargeted);
         };
         if !target.phase.needs_link() {
-            return Ok(NotifyOutcome::NotNeeded);
+            return Ok(Preparation::NotNeeded);
         }
         let release = self
             .store
@@ -110,39 +181,43 @@ impl Notifier {
             device_id,
             deployment_id,
         );
-        let message = ServerMessage::Update(UpdateNotification {
-            deployment_id: deployment_id.to_owned(),
-            release: target.release_id.clone(),
-            manifest: release.info.manifest.clone(),
-            link: links::download_url(&self.device_base_url, &token),
-            link_expires_at: expires_at,
-            data_key: release.data_key.clone(),
-        });
-        match self
-            .bus
-            .publish(device_id, DeviceTopic::Notify, encode(&message))
-            .await
-        {
-            Ok(()) => {}
-            Err(BrokerError::NoSession { .. }) => {
-                tracing::debug!(device = %device_id, deployment = deployment_id, "device offline; notification waits for its registration");
-                return Ok(NotifyOutcome::DeviceOffline);
-            }
-            Err(error) => return Err(NotifyError::Publish(error)),
-        }
+        Ok(Preparation::Ready(PreparedUpdate {
+            notification: UpdateNotification {
+                deployment_id: deployment_id.to_owned(),
+                release: target.release_id.clone(),
+                manifest: release.info.manifest.clone(),
+                link: links::download_url(&self.device_base_url, &token),
+                link_expires_at: expires_at,
+                data_key: release.data_key.clone(),
+            },
+            link_id,
+        }))
+    }
+
+    /// Records that a prepared notification reached the device `via` a
+    /// channel: the phase moves from pending to notified and
+    /// `notification.sent` is audited.
+    pub async fn record_delivery(
+        &self,
+        device_id: &DeviceId,
+        prepared: &PreparedUpdate,
+        via: Channel,
+    ) -> Result<(), NotifyError> {
+        let notification = &prepared.notification;
         self.store
             .record_notification(
-                deployment_id,
+                &notification.deployment_id,
                 device_id,
                 serde_json::json!({
-                    "release": target.release_id,
-                    "link_id": link_id.to_hex(),
-                    "link_expires_at": expires_at,
+                    "release": notification.release,
+                    "link_id": prepared.link_id.to_hex(),
+                    "link_expires_at": notification.link_expires_at,
+                    "via": via.as_str(),
                 }),
                 &clock::now_rfc3339(),
             )
             .await?;
-        tracing::info!(device = %device_id, deployment = deployment_id, release = %target.release_id, "notification sent");
-        Ok(NotifyOutcome::Sent)
+        tracing::info!(device = %device_id, deployment = %notification.deployment_id, release = %notification.release, via = via.as_str(), "notification sent");
+        Ok(())
     }
 }

@@ -709,6 +709,7 @@ impl MqttDevice {
             match self.next_message().await {
                 ServerMessage::Error(error) => return error.code,
                 ServerMessage::Update(_) => continue,
+                other @ ServerMessage::PushOffer(_) => panic!("expected an error, got {other:?}"),
             }
         }
     }

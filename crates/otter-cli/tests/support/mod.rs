@@ -72,6 +72,18 @@ impl Process {
         self.child.id()
     }
 
+    /// The exit status if the process has ended, `None` while it runs.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Sends SIGKILL (no chance to clean up, like a power cut for the
+    /// process) and waits for it to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
         let _ = Command::new("kill")
@@ -125,6 +137,11 @@ pub struct Server {
 
 impl Server {
     pub fn start(root: &Path, trusted_signers: &[&Path]) -> Server {
+        Server::start_with(root, trusted_signers, &[])
+    }
+
+    /// Like [`Server::start`], with more flags (e.g. `--push-window 2`).
+    pub fn start_with(root: &Path, trusted_signers: &[&Path], extra_args: &[&str]) -> Server {
         let data_dir = root.join("server-data");
         let mut command = Command::new(binary("otter-server"));
         command.arg("--data-dir").arg(&data_dir).args([
@@ -138,6 +155,7 @@ impl Server {
         for signer in trusted_signers {
             command.arg("--trusted-signer").arg(signer);
         }
+        command.args(extra_args);
         let mut process = Process::spawn("otter-server", &mut command, root);
         let endpoints_file = data_dir.join("endpoints.json");
         let endpoints = wait_for(

@@ -1,9 +1,9 @@
-//! Devices and their tags: enrolment (step 0), registration (step 1) and
-//! last-seen times.
+//! Devices and their tags: enrolment (step 0), registration (step 1, over
+//! MQTT or by poll, with the first channel kept) and last-seen times.
 
 use std::collections::{BTreeMap, HashMap};
 
-use otter_proto::api::DeviceInfo;
+use otter_proto::api::{Channel, DeviceInfo};
 use otter_proto::messages::{Mode, Registration};
 use otter_proto::topics::DeviceId;
 use sqlx::Row;
@@ -29,7 +29,19 @@ pub enum EnrollOutcome {
     AlreadyExists,
 }
 
-const DEVICE_COLUMNS: &str = "id, hardware, enrolled_at, mode, agent_version, installed, capabilities, registered_at, last_seen";
+/// Result of [`Store::record_registration`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegistrationOutcome {
+    /// Stored and audited.
+    Recorded,
+    /// A poll's registration equal to the stored one: at most `last_seen`
+    /// was refreshed, nothing audited.
+    Unchanged,
+    /// The device is not enrolled; nothing changed.
+    UnknownDevice,
+}
+
+const DEVICE_COLUMNS: &str = "id, hardware, enrolled_at, mode, agent_version, installed, capabilities, registered_at, last_seen, registered_via";
 
 impl Store {
     /// Whether a device is enrolled.
@@ -142,22 +154,64 @@ impl Store {
             .collect()
     }
 
-    /// Records a registration (step 1) and its audit row. Returns false,
-    /// changing nothing, when the device is not enrolled.
+    /// Records a registration (step 1) that arrived `via` a channel, in one
+    /// transaction with its `device.registered` audit row (details carry
+    /// `via`). The first channel a device registers on is kept in
+    /// `registered_via`.
+    ///
+    /// Every MQTT registration is written and audited: it opens a session,
+    /// which happens rarely. A poll carries the registration every few
+    /// seconds, so one equal to what is stored only refreshes `last_seen`,
+    /// and only when that is older than `refresh_last_seen_before`: an idle
+    /// poll usually writes nothing.
     pub async fn record_registration(
         &self,
         device_id: &DeviceId,
         registration: &Registration,
+        via: Channel,
         at: &str,
-    ) -> Result<bool, StoreError> {
-        let mut transaction = self.begin_write().await?;
+        refresh_last_seen_before: &str,
+    ) -> Result<RegistrationOutcome, StoreError> {
         let installed = serde_json::to_string(&registration.installed)
             .map_err(|e| StoreError::corrupt("devices.installed", e))?;
         let capabilities = serde_json::to_string(&registration.capabilities)
             .map_err(|e| StoreError::corrupt("devices.capabilities", e))?;
+        if via == Channel::Poll {
+            // Read without the write lock first: the common case is an idle
+            // poll that changes nothing.
+            let row = sqlx::query(
+                "SELECT hardware, mode, agent_version, installed, capabilities, registered_at, last_seen \
+                 FROM devices WHERE id = $1",
+            )
+            .bind(device_id.as_str())
+            .fetch_optional(&self.pool)
+            .await?;
+            let Some(row) = row else {
+                return Ok(RegistrationOutcome::UnknownDevice);
+            };
+            let unchanged = row.try_get::<Option<String>, _>("registered_at")?.is_some()
+                && row.try_get::<String, _>("hardware")? == registration.hardware
+                && row.try_get::<Option<String>, _>("mode")?.as_deref()
+                    == Some(registration.mode.as_str())
+                && row
+                    .try_get::<Option<String>, _>("agent_version")?
+                    .as_deref()
+                    == Some(registration.agent_version.as_str())
+                && row.try_get::<String, _>("installed")? == installed
+                && row.try_get::<String, _>("capabilities")? == capabilities;
+            if unchanged {
+                let last_seen: Option<String> = row.try_get("last_seen")?;
+                if last_seen.is_none_or(|seen| seen.as_str() < refresh_last_seen_before) {
+                    self.touch_device(device_id, at).await?;
+                }
+                return Ok(RegistrationOutcome::Unchanged);
+            }
+        }
+        let mut transaction = self.begin_write().await?;
         let updated = sqlx::query(
             "UPDATE devices SET hardware = $1, mode = $2, agent_version = $3, installed = $4, \
-             capabilities = $5, registered_at = $6, last_seen = $6 WHERE id = $7",
+             capabilities = $5, registered_at = $6, last_seen = $6, \
+             registered_via = COALESCE(registered_via, $7) WHERE id = $8",
         )
         .bind(registration.hardware.as_str())
         .bind(registration.mode.as_str())
@@ -165,11 +219,12 @@ impl Store {
         .bind(installed)
         .bind(capabilities)
         .bind(at)
+        .bind(via.as_str())
         .bind(device_id.as_str())
         .execute(&mut *transaction)
         .await?;
         if updated.rows_affected() == 0 {
-            return Ok(false);
+            return Ok(RegistrationOutcome::UnknownDevice);
         }
         let actor = Actor::device(device_id);
         let record = AuditRecord::new(&actor, AuditEvent::DeviceRegistered)
@@ -180,10 +235,11 @@ impl Store {
                 "agent_version": registration.agent_version,
                 "installed": registration.installed,
                 "capabilities": registration.capabilities,
+                "via": via.as_str(),
             }));
         audit::append(&mut transaction, at, &record).await?;
         transaction.commit().await?;
-        Ok(true)
+        Ok(RegistrationOutcome::Recorded)
     }
 
     /// Updates the time of the last sign of life of a device.
@@ -202,6 +258,7 @@ fn device_from_row(row: &AnyRow, tags: Vec<String>) -> Result<DeviceInfo, StoreE
     let mode: Option<String> = row.try_get("mode")?;
     let installed: String = row.try_get("installed")?;
     let capabilities: String = row.try_get("capabilities")?;
+    let registered_via: Option<String> = row.try_get("registered_via")?;
     Ok(DeviceInfo {
         device_id: DeviceId::parse(&id).map_err(|e| StoreError::corrupt("devices.id", e))?,
         hardware: row.try_get("hardware")?,
@@ -219,6 +276,11 @@ fn device_from_row(row: &AnyRow, tags: Vec<String>) -> Result<DeviceInfo, StoreE
         enrolled_at: row.try_get("enrolled_at")?,
         registered_at: row.try_get("registered_at")?,
         last_seen: row.try_get("last_seen")?,
-        registered_via: None,
+        registered_via: match registered_via.as_deref() {
+            None => None,
+            Some("mqtt") => Some(Channel::Mqtt),
+            Some("poll") => Some(Channel::Poll),
+            Some(other) => return Err(StoreError::corrupt("devices.registered_via", other)),
+        },
     })
 }

@@ -9,11 +9,13 @@
 //!
 //! Layout: this file opens the pool, runs migrations and holds operator
 //! tokens and the audit query; `devices`, `releases`, `deployments` and
-//! `links` hold the methods of each table group.
+//! `links` hold the methods of each table group, `push` the progress of
+//! push-mode transfers.
 
 mod deployments;
 mod devices;
 mod links;
+mod push;
 mod releases;
 
 use std::path::Path;
@@ -26,7 +28,8 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use crate::audit::{self, AuditRecord};
 
 pub use deployments::{AdvanceOutcome, CreatedDeployment, DeploymentCreation, NotificationTarget};
-pub use devices::{EnrollOutcome, NewDevice};
+pub use devices::{EnrollOutcome, NewDevice, RegistrationOutcome};
+pub use push::PushProgress;
 pub use releases::{NewRelease, ReleaseInsertOutcome, StoredRelease};
 
 /// Why a store operation failed. Expected outcomes (a duplicate, an unknown
