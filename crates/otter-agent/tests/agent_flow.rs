@@ -69,6 +69,17 @@ impl Recorder {
     fn has(&self, deployment: &str, event: DeviceEvent) -> bool {
         self.events(deployment).contains(&event)
     }
+    /// Waits until `event` was reported for `deployment`.
+    async fn wait_event(&self, deployment: &str, event: DeviceEvent) {
+        wait_until(&format!("{deployment}: {event:?}"), WAIT, || {
+            self.has(deployment, event)
+        })
+        .await
+    }
+    /// The detail of the last report for `deployment` (it must have one).
+    fn last_detail(&self, deployment: &str) -> String {
+        self.last(deployment).unwrap().detail.unwrap()
+    }
 }
 
 /// A probe the test opens and closes.
@@ -184,6 +195,26 @@ max_backoff = "50ms"
         self.root.join("landing").join(deployment)
     }
 
+    /// An agent on this fixture's configuration and device certificate.
+    fn agent(&self, handlers: Handlers) -> Agent {
+        Agent::with_handlers(&self.config(), &self.pki.device_tls(), handlers).unwrap()
+    }
+
+    /// Starts an agent loop with `handlers`, publishing to `uplink`.
+    fn run_agent(&self, handlers: Handlers, uplink: &Arc<Recorder>) -> Running {
+        Running::start(self.agent(handlers), uplink.clone())
+    }
+
+    /// Handlers whose device is always in a safe state.
+    fn open_handlers(&self) -> Handlers {
+        handlers(self, always_open()).0
+    }
+
+    /// A download server that serves the artifact, honouring Range.
+    async fn serve_artifact(&self) -> TestServer {
+        TestServer::start(&self.pki, self.artifact.clone(), serve_everything()).await
+    }
+
     fn persisted_job(&self) -> Option<Job> {
         otter_agent::state::StateStore::new(self.root.join("state"))
             .load_job()
@@ -297,13 +328,10 @@ fn serve_everything() -> impl Fn(usize, Option<u64>) -> Answer + Send + Sync + '
 #[tokio::test]
 async fn full_cycle_installs_reports_in_order_and_repeats_on_reconnect() {
     let fixture = Fixture::new();
-    let server =
-        TestServer::start(&fixture.pki, fixture.artifact.clone(), serve_everything()).await;
-    let config = fixture.config();
+    let server = fixture.serve_artifact().await;
     let (handlers, installer) = handlers(&fixture, always_open());
-    let agent = Agent::with_handlers(&config, &fixture.pki.device_tls(), handlers).unwrap();
     let uplink = Arc::new(Recorder::default());
-    let running = Running::start(agent, uplink.clone());
+    let running = fixture.run_agent(handlers, &uplink);
 
     running.send(MqttEvent::Connected).await;
     wait_until("registration", WAIT, || {
@@ -327,10 +355,7 @@ async fn full_cycle_installs_reports_in_order_and_repeats_on_reconnect() {
     running
         .update(fixture.notification("dep-1", &server.url("/v1/download/t1")))
         .await;
-    wait_until("installed", WAIT, || {
-        uplink.has("dep-1", DeviceEvent::Installed)
-    })
-    .await;
+    uplink.wait_event("dep-1", DeviceEvent::Installed).await;
     assert_eq!(
         uplink.events("dep-1"),
         vec![
@@ -386,10 +411,7 @@ async fn full_cycle_installs_reports_in_order_and_repeats_on_reconnect() {
     running
         .update(fixture.notification("dep-2", &server.url("/v1/download/t2")))
         .await;
-    wait_until("already installed", WAIT, || {
-        uplink.has("dep-2", DeviceEvent::Installed)
-    })
-    .await;
+    uplink.wait_event("dep-2", DeviceEvent::Installed).await;
     assert!(
         uplink
             .last("dep-2")
@@ -412,19 +434,17 @@ async fn a_tampered_artifact_is_never_installed() {
     tampered[middle] ^= 0x01;
     let server = TestServer::start(&fixture.pki, tampered, serve_everything()).await;
     let (handlers, installer) = handlers(&fixture, always_open());
-    let agent =
-        Agent::with_handlers(&fixture.config(), &fixture.pki.device_tls(), handlers).unwrap();
     let uplink = Arc::new(Recorder::default());
-    let running = Running::start(agent, uplink.clone());
+    let running = fixture.run_agent(handlers, &uplink);
     running
         .update(fixture.notification("dep-1", &server.url("/a")))
         .await;
-    wait_until("failure", WAIT, || uplink.has("dep-1", DeviceEvent::Failed)).await;
+    uplink.wait_event("dep-1", DeviceEvent::Failed).await;
     assert_eq!(
         uplink.events("dep-1"),
         vec![DeviceEvent::Received, DeviceEvent::Failed]
     );
-    let detail = uplink.last("dep-1").unwrap().detail.unwrap();
+    let detail = uplink.last_detail("dep-1");
     assert!(detail.contains("hash mismatch"), "{detail}");
     running.stop().await;
     assert_eq!(installer.runs.load(Ordering::SeqCst), 0);
@@ -435,16 +455,9 @@ async fn a_tampered_artifact_is_never_installed() {
 #[tokio::test]
 async fn a_bad_signature_is_refused_before_any_download() {
     let fixture = Fixture::new();
-    let server =
-        TestServer::start(&fixture.pki, fixture.artifact.clone(), serve_everything()).await;
-    let agent = Agent::with_handlers(
-        &fixture.config(),
-        &fixture.pki.device_tls(),
-        handlers(&fixture, always_open()).0,
-    )
-    .unwrap();
+    let server = fixture.serve_artifact().await;
     let uplink = Arc::new(Recorder::default());
-    let running = Running::start(agent, uplink.clone());
+    let running = fixture.run_agent(fixture.open_handlers(), &uplink);
 
     // The manifest text altered after signing (a larger declared size).
     let mut forged = fixture.notification("dep-forged", &server.url("/a"));
@@ -462,11 +475,8 @@ async fn a_bad_signature_is_refused_before_any_download() {
     running.update(untrusted).await;
 
     for deployment in ["dep-forged", "dep-stranger"] {
-        wait_until(deployment, WAIT, || {
-            uplink.has(deployment, DeviceEvent::Failed)
-        })
-        .await;
-        let detail = uplink.last(deployment).unwrap().detail.unwrap();
+        uplink.wait_event(deployment, DeviceEvent::Failed).await;
+        let detail = uplink.last_detail(deployment);
         assert!(detail.contains("signature check failed"), "{detail}");
         assert_eq!(uplink.events(deployment), vec![DeviceEvent::Failed]);
     }
@@ -483,21 +493,14 @@ async fn a_bad_signature_is_refused_before_any_download() {
 async fn incompatible_hardware_and_downgrades_are_refused() {
     let fixture = Fixture::new();
     fixture.write_config("revA");
-    let server =
-        TestServer::start(&fixture.pki, fixture.artifact.clone(), serve_everything()).await;
-    let agent = Agent::with_handlers(
-        &fixture.config(),
-        &fixture.pki.device_tls(),
-        handlers(&fixture, always_open()).0,
-    )
-    .unwrap();
+    let server = fixture.serve_artifact().await;
     let uplink = Arc::new(Recorder::default());
-    let running = Running::start(agent, uplink.clone());
+    let running = fixture.run_agent(fixture.open_handlers(), &uplink);
     running
         .update(fixture.notification("dep-1", &server.url("/a")))
         .await;
-    wait_until("refusal", WAIT, || uplink.has("dep-1", DeviceEvent::Failed)).await;
-    let detail = uplink.last("dep-1").unwrap().detail.unwrap();
+    uplink.wait_event("dep-1", DeviceEvent::Failed).await;
+    let detail = uplink.last_detail("dep-1");
     assert!(detail.contains("revA"), "{detail}");
     running.stop().await;
 
@@ -506,21 +509,12 @@ async fn incompatible_hardware_and_downgrades_are_refused() {
     otter_agent::state::StateStore::new(fixture.root.join("state"))
         .save_installed(&[("sensor-fw".to_string(), semver::Version::new(2, 0, 0))].into())
         .unwrap();
-    let agent = Agent::with_handlers(
-        &fixture.config(),
-        &fixture.pki.device_tls(),
-        handlers(&fixture, always_open()).0,
-    )
-    .unwrap();
-    let running = Running::start(agent, uplink.clone());
+    let running = fixture.run_agent(fixture.open_handlers(), &uplink);
     running
         .update(fixture.notification("dep-2", &server.url("/a")))
         .await;
-    wait_until("downgrade refusal", WAIT, || {
-        uplink.has("dep-2", DeviceEvent::Failed)
-    })
-    .await;
-    let detail = uplink.last("dep-2").unwrap().detail.unwrap();
+    uplink.wait_event("dep-2", DeviceEvent::Failed).await;
+    let detail = uplink.last_detail("dep-2");
     assert!(detail.contains("downgrade"), "{detail}");
     running.stop().await;
     assert!(server.seen().is_empty());
@@ -529,27 +523,17 @@ async fn incompatible_hardware_and_downgrades_are_refused() {
 #[tokio::test]
 async fn a_restart_resumes_from_the_landing_zone_and_installs_once() {
     let fixture = Fixture::new();
-    let server =
-        TestServer::start(&fixture.pki, fixture.artifact.clone(), serve_everything()).await;
+    let server = fixture.serve_artifact().await;
     let gate = Arc::new(Gate(AtomicBool::new(false)));
     let (handlers_closed, installer) = handlers(&fixture, gate.clone());
     let uplink = Arc::new(Recorder::default());
 
     // First run: downloaded, then stuck waiting for a safe state; stopped.
-    let agent = Agent::with_handlers(
-        &fixture.config(),
-        &fixture.pki.device_tls(),
-        handlers_closed.clone(),
-    )
-    .unwrap();
-    let running = Running::start(agent, uplink.clone());
+    let running = fixture.run_agent(handlers_closed.clone(), &uplink);
     running
         .update(fixture.notification("dep-1", &server.url("/a")))
         .await;
-    wait_until("downloaded", WAIT, || {
-        uplink.has("dep-1", DeviceEvent::Downloaded)
-    })
-    .await;
+    uplink.wait_event("dep-1", DeviceEvent::Downloaded).await;
     running.stop().await;
     assert_eq!(fixture.persisted_job().unwrap().stage, Stage::Downloaded);
     assert!(fixture.landing("dep-1").join("payload").exists());
@@ -557,30 +541,15 @@ async fn a_restart_resumes_from_the_landing_zone_and_installs_once() {
 
     // Second run: the device is safe now; the job resumes without a notification.
     gate.0.store(true, Ordering::SeqCst);
-    let agent = Agent::with_handlers(
-        &fixture.config(),
-        &fixture.pki.device_tls(),
-        handlers_closed.clone(),
-    )
-    .unwrap();
-    let running = Running::start(agent, uplink.clone());
+    let running = fixture.run_agent(handlers_closed.clone(), &uplink);
     running.send(MqttEvent::Connected).await;
-    wait_until("installed", WAIT, || {
-        uplink.has("dep-1", DeviceEvent::Installed)
-    })
-    .await;
+    uplink.wait_event("dep-1", DeviceEvent::Installed).await;
     running.stop().await;
     assert!(std::fs::read(fixture.installed_file()).unwrap() == fixture.payload);
 
     // Third run: nothing to do but repeat the outcome, after the
     // registration and when the notification comes again.
-    let agent = Agent::with_handlers(
-        &fixture.config(),
-        &fixture.pki.device_tls(),
-        handlers_closed,
-    )
-    .unwrap();
-    let running = Running::start(agent, uplink.clone());
+    let running = fixture.run_agent(handlers_closed, &uplink);
     let reports_before = uplink.events("dep-1").len();
     running.send(MqttEvent::Connected).await;
     running
@@ -613,30 +582,17 @@ async fn a_restart_resumes_from_the_landing_zone_and_installs_once() {
 #[tokio::test]
 async fn an_expired_link_waits_for_a_refresh() {
     let fixture = Fixture::new();
-    let server =
-        TestServer::start(&fixture.pki, fixture.artifact.clone(), serve_everything()).await;
-    let agent = Agent::with_handlers(
-        &fixture.config(),
-        &fixture.pki.device_tls(),
-        handlers(&fixture, always_open()).0,
-    )
-    .unwrap();
+    let server = fixture.serve_artifact().await;
     let uplink = Arc::new(Recorder::default());
-    let running = Running::start(agent, uplink.clone());
+    let running = fixture.run_agent(fixture.open_handlers(), &uplink);
     let mut stale = fixture.notification("dep-1", &server.url("/old"));
     stale.link_expires_at = unix_now() - 60;
     running.update(stale).await;
-    wait_until("received", WAIT, || {
-        uplink.has("dep-1", DeviceEvent::Received)
-    })
-    .await;
+    uplink.wait_event("dep-1", DeviceEvent::Received).await;
     running
         .update(fixture.notification("dep-1", &server.url("/fresh")))
         .await;
-    wait_until("installed", WAIT, || {
-        uplink.has("dep-1", DeviceEvent::Installed)
-    })
-    .await;
+    uplink.wait_event("dep-1", DeviceEvent::Installed).await;
     running.stop().await;
     let paths: Vec<String> = server.seen().into_iter().map(|r| r.path).collect();
     assert_eq!(paths, vec!["/fresh".to_string()]);
@@ -646,20 +602,14 @@ async fn an_expired_link_waits_for_a_refresh() {
 async fn a_gone_link_fails_the_job_once() {
     let fixture = Fixture::new();
     let server = TestServer::start(&fixture.pki, Vec::new(), |_, _| Answer::Status(410)).await;
-    let agent = Agent::with_handlers(
-        &fixture.config(),
-        &fixture.pki.device_tls(),
-        handlers(&fixture, always_open()).0,
-    )
-    .unwrap();
     let uplink = Arc::new(Recorder::default());
-    let running = Running::start(agent, uplink.clone());
+    let running = fixture.run_agent(fixture.open_handlers(), &uplink);
     running
         .update(fixture.notification("dep-1", &server.url("/revoked")))
         .await;
-    wait_until("failure", WAIT, || uplink.has("dep-1", DeviceEvent::Failed)).await;
+    uplink.wait_event("dep-1", DeviceEvent::Failed).await;
     running.stop().await;
-    let detail = uplink.last("dep-1").unwrap().detail.unwrap();
+    let detail = uplink.last_detail("dep-1");
     assert!(detail.contains("410"), "{detail}");
     assert_eq!(server.seen().len(), 1);
 }
@@ -670,12 +620,7 @@ async fn a_corrupt_job_file_starts_the_agent_idle() {
     let state = fixture.root.join("state");
     std::fs::create_dir_all(&state).unwrap();
     std::fs::write(state.join("job.json"), b"{ not json").unwrap();
-    let agent = Agent::with_handlers(
-        &fixture.config(),
-        &fixture.pki.device_tls(),
-        handlers(&fixture, always_open()).0,
-    )
-    .unwrap();
+    let agent = fixture.agent(fixture.open_handlers());
     assert_eq!(agent.job(), None);
     assert!(state.join("job.json.corrupt").exists());
     assert!(!state.join("job.json").exists());

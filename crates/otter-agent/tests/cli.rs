@@ -3,6 +3,18 @@
 
 use std::process::Command;
 
+/// A complete configuration whose files (CA, certificate, key) are absent.
+const VALID_CONFIG: &str = r#"
+device_id = "dev-1"
+hardware = "revB"
+mqtt_url = "mqtts://127.0.0.1:8883"
+device_url = "https://127.0.0.1:8443"
+ca = "ca.crt"
+certificate = "device.crt"
+private_key = "device.key"
+trusted_signers = ["s.pub"]
+"#;
+
 fn run_with_config(path: &std::path::Path) -> (bool, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_otter-agent"))
         .arg("--config")
@@ -30,18 +42,7 @@ fn unknown_handler() {
     let path = dir.path().join("agent.toml");
     std::fs::write(
         &path,
-        r#"
-device_id = "dev-1"
-hardware = "revB"
-mqtt_url = "mqtts://127.0.0.1:8883"
-device_url = "https://127.0.0.1:8443"
-ca = "ca.crt"
-certificate = "device.crt"
-private_key = "device.key"
-trusted_signers = ["s.pub"]
-[install]
-handler = "floppy"
-"#,
+        format!("{VALID_CONFIG}[install]\nhandler = \"floppy\"\n"),
     )
     .unwrap();
     let (ok, stderr) = run_with_config(&path);
@@ -53,20 +54,7 @@ handler = "floppy"
 fn config_from_the_environment_with_missing_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("custom.toml");
-    std::fs::write(
-        &path,
-        r#"
-device_id = "dev-1"
-hardware = "revB"
-mqtt_url = "mqtts://127.0.0.1:8883"
-device_url = "https://127.0.0.1:8443"
-ca = "ca.crt"
-certificate = "device.crt"
-private_key = "device.key"
-trusted_signers = ["s.pub"]
-"#,
-    )
-    .unwrap();
+    std::fs::write(&path, VALID_CONFIG).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_otter-agent"))
         .env("OTTER_AGENT_CONFIG", &path)
         .env("RUST_LOG", "off")

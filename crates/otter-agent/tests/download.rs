@@ -2,14 +2,24 @@
 //! 127.0.0.1: resume with Range after a cut connection, final refusals
 //! without retry, a server that ignores Range, a wrong Content-Range, a
 //! bounded number of attempts, and a body longer than declared.
+//!
+//! Layout: helpers (a downloader, one download, the resume scenario run
+//! with different part files and server scripts), then the tests.
 
 mod support;
 
+use std::path::Path;
 use std::time::Duration;
 
 use otter_agent::download::{DownloadError, DownloadPolicy, Downloader};
 use support::{Answer, Pki, TestServer, pseudo_random_bytes};
 use tokio_util::sync::CancellationToken;
+
+/// The well-behaved answer: the body, honouring Range, never cut.
+const SERVE_ALL: Answer = Answer::Body {
+    honour_range: true,
+    cut_after: None,
+};
 
 fn downloader(pki: &Pki, max_attempts: u32) -> Downloader {
     Downloader::new(
@@ -23,8 +33,52 @@ fn downloader(pki: &Pki, max_attempts: u32) -> Downloader {
     .unwrap()
 }
 
+/// Downloads `path` from `server` into `destination`, expecting
+/// `expected_size` bytes, with at most `max_attempts` attempts.
+async fn download(
+    pki: &Pki,
+    max_attempts: u32,
+    server: &TestServer,
+    path: &str,
+    destination: &Path,
+    expected_size: u64,
+) -> Result<(), DownloadError> {
+    let link = server.url(path);
+    downloader(pki, max_attempts)
+        .download(
+            &move || link.clone(),
+            destination,
+            expected_size,
+            &CancellationToken::new(),
+        )
+        .await
+}
+
 fn ranges(server: &TestServer) -> Vec<Option<u64>> {
     server.seen().iter().map(|r| r.range_start).collect()
+}
+
+/// A download that starts with `part_file(body)` already on disk, against a
+/// server answering by `script`, ends with exactly the body after requests
+/// whose Range starts are `expected_ranges`.
+async fn assert_resumed_download(
+    size: usize,
+    seed: u64,
+    part_file: impl FnOnce(&[u8]) -> Vec<u8>,
+    script: impl Fn(usize, Option<u64>) -> Answer + Send + Sync + 'static,
+    expected_ranges: Vec<Option<u64>>,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = Pki::create(dir.path());
+    let body = pseudo_random_bytes(size, seed);
+    let destination = dir.path().join("artifact.part");
+    std::fs::write(&destination, part_file(&body)).unwrap();
+    let server = TestServer::start(&pki, body.clone(), script).await;
+    download(&pki, 3, &server, "/a", &destination, body.len() as u64)
+        .await
+        .unwrap();
+    assert!(std::fs::read(&destination).unwrap() == body);
+    assert_eq!(ranges(&server), expected_ranges);
 }
 
 #[tokio::test]
@@ -39,16 +93,16 @@ async fn resumes_with_range_after_a_cut_connection() {
     })
     .await;
     let destination = dir.path().join("artifact.part");
-    let link = server.url("/v1/download/abc");
-    downloader(&pki, 3)
-        .download(
-            &move || link.clone(),
-            &destination,
-            body.len() as u64,
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
+    download(
+        &pki,
+        3,
+        &server,
+        "/v1/download/abc",
+        &destination,
+        body.len() as u64,
+    )
+    .await
+    .unwrap();
     assert!(
         std::fs::read(&destination).unwrap() == body,
         "content differs"
@@ -63,28 +117,14 @@ async fn resumes_with_range_after_a_cut_connection() {
 
 #[tokio::test]
 async fn resumes_from_a_part_file_left_by_an_earlier_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::create(dir.path());
-    let body = pseudo_random_bytes(50_000, 2);
-    let destination = dir.path().join("artifact.part");
-    std::fs::write(&destination, &body[..12_345]).unwrap();
-    let server = TestServer::start(&pki, body.clone(), |_, _| Answer::Body {
-        honour_range: true,
-        cut_after: None,
-    })
+    assert_resumed_download(
+        50_000,
+        2,
+        |body| body[..12_345].to_vec(),
+        |_, _| SERVE_ALL,
+        vec![Some(12_345)],
+    )
     .await;
-    let link = server.url("/a");
-    downloader(&pki, 3)
-        .download(
-            &move || link.clone(),
-            &destination,
-            body.len() as u64,
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-    assert!(std::fs::read(&destination).unwrap() == body);
-    assert_eq!(ranges(&server), vec![Some(12_345)]);
 }
 
 #[tokio::test]
@@ -93,14 +133,7 @@ async fn gone_is_final_without_retry() {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::create(dir.path());
         let server = TestServer::start(&pki, Vec::new(), move |_, _| Answer::Status(status)).await;
-        let link = server.url("/gone");
-        let error = downloader(&pki, 5)
-            .download(
-                &move || link.clone(),
-                &dir.path().join("a.part"),
-                10,
-                &CancellationToken::new(),
-            )
+        let error = download(&pki, 5, &server, "/gone", &dir.path().join("a.part"), 10)
             .await
             .unwrap_err();
         assert!(
@@ -113,61 +146,36 @@ async fn gone_is_final_without_retry() {
 
 #[tokio::test]
 async fn a_server_ignoring_range_restarts_from_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::create(dir.path());
-    let body = pseudo_random_bytes(40_000, 3);
-    let destination = dir.path().join("artifact.part");
     // Wrong bytes on disk: only a full restart can end with the right file.
-    std::fs::write(&destination, vec![0xAA; 10_000]).unwrap();
-    let server = TestServer::start(&pki, body.clone(), |_, _| Answer::Body {
-        honour_range: false,
-        cut_after: None,
-    })
+    assert_resumed_download(
+        40_000,
+        3,
+        |_| vec![0xAA; 10_000],
+        |_, _| Answer::Body {
+            honour_range: false,
+            cut_after: None,
+        },
+        vec![Some(10_000)],
+    )
     .await;
-    let link = server.url("/a");
-    downloader(&pki, 3)
-        .download(
-            &move || link.clone(),
-            &destination,
-            body.len() as u64,
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-    assert!(std::fs::read(&destination).unwrap() == body);
-    assert_eq!(ranges(&server), vec![Some(10_000)]);
 }
 
 #[tokio::test]
 async fn a_partial_answer_from_the_wrong_offset_restarts_from_zero() {
-    let dir = tempfile::tempdir().unwrap();
-    let pki = Pki::create(dir.path());
-    let body = pseudo_random_bytes(30_000, 4);
-    let destination = dir.path().join("artifact.part");
-    std::fs::write(&destination, &body[..5_000]).unwrap();
-    let server = TestServer::start(&pki, body.clone(), |index, _| {
-        if index == 0 {
-            Answer::PartialFrom(100)
-        } else {
-            Answer::Body {
-                honour_range: true,
-                cut_after: None,
+    assert_resumed_download(
+        30_000,
+        4,
+        |body| body[..5_000].to_vec(),
+        |index, _| {
+            if index == 0 {
+                Answer::PartialFrom(100)
+            } else {
+                SERVE_ALL
             }
-        }
-    })
+        },
+        vec![Some(5_000), None],
+    )
     .await;
-    let link = server.url("/a");
-    downloader(&pki, 3)
-        .download(
-            &move || link.clone(),
-            &destination,
-            body.len() as u64,
-            &CancellationToken::new(),
-        )
-        .await
-        .unwrap();
-    assert!(std::fs::read(&destination).unwrap() == body);
-    assert_eq!(ranges(&server), vec![Some(5_000), None]);
 }
 
 #[tokio::test]
@@ -175,14 +183,7 @@ async fn server_errors_are_retried_a_bounded_number_of_times() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(dir.path());
     let server = TestServer::start(&pki, Vec::new(), |_, _| Answer::Status(503)).await;
-    let link = server.url("/busy");
-    let error = downloader(&pki, 4)
-        .download(
-            &move || link.clone(),
-            &dir.path().join("a.part"),
-            10,
-            &CancellationToken::new(),
-        )
+    let error = download(&pki, 4, &server, "/busy", &dir.path().join("a.part"), 10)
         .await
         .unwrap_err();
     assert!(
@@ -197,20 +198,9 @@ async fn more_bytes_than_declared_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(dir.path());
     let body = pseudo_random_bytes(20_000, 5);
-    let server = TestServer::start(&pki, body, |_, _| Answer::Body {
-        honour_range: true,
-        cut_after: None,
-    })
-    .await;
-    let link = server.url("/a");
+    let server = TestServer::start(&pki, body, |_, _| SERVE_ALL).await;
     let destination = dir.path().join("a.part");
-    let error = downloader(&pki, 3)
-        .download(
-            &move || link.clone(),
-            &destination,
-            10_000,
-            &CancellationToken::new(),
-        )
+    let error = download(&pki, 3, &server, "/a", &destination, 10_000)
         .await
         .unwrap_err();
     assert!(
@@ -226,19 +216,8 @@ async fn a_server_with_another_ca_is_not_trusted() {
     let pki = Pki::create(dir.path());
     let other_dir = tempfile::tempdir().unwrap();
     let other = Pki::create(other_dir.path());
-    let server = TestServer::start(&other, vec![1; 10], |_, _| Answer::Body {
-        honour_range: true,
-        cut_after: None,
-    })
-    .await;
-    let link = server.url("/a");
-    let error = downloader(&pki, 2)
-        .download(
-            &move || link.clone(),
-            &dir.path().join("a.part"),
-            10,
-            &CancellationToken::new(),
-        )
+    let server = TestServer::start(&other, vec![1; 10], |_, _| SERVE_ALL).await;
+    let error = download(&pki, 2, &server, "/a", &dir.path().join("a.part"), 10)
         .await
         .unwrap_err();
     assert!(matches!(error, DownloadError::GaveUp { .. }), "{error}");

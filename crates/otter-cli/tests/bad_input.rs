@@ -4,9 +4,10 @@
 mod support;
 
 use std::fs;
+use std::path::Path;
 
 use otter_proto::api::{AuditEntry, DeviceInfo, ReleaseInfo};
-use support::{Server, otter_offline};
+use support::{Server, generate_signing_key, otter_offline, run_package_build};
 
 fn stderr(output: &std::process::Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
@@ -15,13 +16,8 @@ fn stderr(output: &std::process::Output) -> String {
 #[test]
 fn offline_commands_refuse_bad_arguments() {
     let temp = tempfile::tempdir().unwrap();
-    let key = temp.path().join("k");
+    let (key, _) = generate_signing_key(temp.path(), "k");
     let key_arg = key.to_str().unwrap();
-    assert!(
-        otter_offline(&["keys", "generate", "--out", key_arg])
-            .status
-            .success()
-    );
     let again = otter_offline(&["keys", "generate", "--out", key_arg]);
     assert_eq!(again.status.code(), Some(1), "overwriting a key must fail");
 
@@ -29,23 +25,7 @@ fn offline_commands_refuse_bad_arguments() {
     fs::write(&input, b"payload").unwrap();
     let out = temp.path().join("out.otter");
     let build = |version: &str, kind: &str, key: &str| {
-        otter_offline(&[
-            "package",
-            "build",
-            "--key",
-            key,
-            "--name",
-            "fw",
-            "--version",
-            version,
-            "--kind",
-            kind,
-            "--hardware",
-            "revB",
-            "--out",
-            out.to_str().unwrap(),
-            input.to_str().unwrap(),
-        ])
+        run_package_build(Path::new(key), "fw", version, kind, &input, &out)
     };
     let bad_version = build("one", "firmware", key_arg);
     assert_eq!(
@@ -78,13 +58,8 @@ fn offline_commands_refuse_bad_arguments() {
 fn server_refuses_bad_requests_and_keeps_its_state() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let key = root.join("k");
-    assert!(
-        otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()])
-            .status
-            .success()
-    );
-    let server = Server::start(root, &[&root.join("k.pub")]);
+    let (key, public_key) = generate_signing_key(root, "k");
+    let server = Server::start(root, &[&public_key]);
     let audit_before: Vec<AuditEntry> = server.otter_json(&["audit", "list"]);
 
     let cases: &[(&[&str], &str)] = &[
@@ -134,32 +109,11 @@ fn server_refuses_bad_requests_and_keeps_its_state() {
         "{}",
         stderr(&output)
     );
-    let other_key = root.join("other");
-    assert!(
-        otter_offline(&["keys", "generate", "--out", other_key.to_str().unwrap()])
-            .status
-            .success()
-    );
+    let (other_key, _) = generate_signing_key(root, "other");
     let input = root.join("in.bin");
     fs::write(&input, b"payload").unwrap();
     let foreign = root.join("foreign.otter");
-    let built = otter_offline(&[
-        "package",
-        "build",
-        "--key",
-        other_key.to_str().unwrap(),
-        "--name",
-        "fw",
-        "--version",
-        "1.0.0",
-        "--kind",
-        "firmware",
-        "--hardware",
-        "revB",
-        "--out",
-        foreign.to_str().unwrap(),
-        input.to_str().unwrap(),
-    ]);
+    let built = run_package_build(&other_key, "fw", "1.0.0", "firmware", &input, &foreign);
     assert!(built.status.success(), "{}", stderr(&built));
     let output = server.otter(&["release", "upload", foreign.to_str().unwrap()]);
     assert!(
@@ -176,23 +130,7 @@ fn server_refuses_bad_requests_and_keeps_its_state() {
 
     // Unknown device target, duplicate enrolment, wrong token.
     let good = root.join("good.otter");
-    let built = otter_offline(&[
-        "package",
-        "build",
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        "fw",
-        "--version",
-        "1.0.0",
-        "--kind",
-        "firmware",
-        "--hardware",
-        "revB",
-        "--out",
-        good.to_str().unwrap(),
-        input.to_str().unwrap(),
-    ]);
+    let built = run_package_build(&key, "fw", "1.0.0", "firmware", &input, &good);
     assert!(built.status.success());
     server.otter_ok(&["release", "upload", good.to_str().unwrap()]);
     let output = server.otter(&["release", "upload", good.to_str().unwrap()]);
@@ -201,32 +139,24 @@ fn server_refuses_bad_requests_and_keeps_its_state() {
         Some(1),
         "a duplicate upload must be refused"
     );
-    let output = server.otter(&[
-        "deploy",
-        "create",
-        "--release",
-        "fw@1.0.0",
-        "--target",
-        "device:ghost",
-    ]);
-    assert!(
-        stderr(&output).contains("unknown-device"),
-        "{}",
-        stderr(&output)
-    );
-    let output = server.otter(&[
-        "deploy",
-        "create",
-        "--release",
-        "fw@1.0.0",
-        "--target",
-        "fleet:empty",
-    ]);
-    assert!(
-        stderr(&output).contains("empty-target"),
-        "{}",
-        stderr(&output)
-    );
+    for (target, expected) in [
+        ("device:ghost", "unknown-device"),
+        ("fleet:empty", "empty-target"),
+    ] {
+        let output = server.otter(&[
+            "deploy",
+            "create",
+            "--release",
+            "fw@1.0.0",
+            "--target",
+            target,
+        ]);
+        assert!(
+            stderr(&output).contains(expected),
+            "{target}: {}",
+            stderr(&output)
+        );
+    }
 
     let bundle = root.join("dev-1");
     server.otter_ok(&[

@@ -6,14 +6,14 @@ mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
-use otter_proto::api::{AuditEntry, DeploymentStatus, DeviceInfo, ReleaseInfo};
+use otter_proto::api::ReleaseInfo;
 use otter_proto::deployment::Phase;
-use support::{Process, Server, binary, otter_offline, wait_for};
-
-const WAIT: Duration = Duration::from_secs(120);
+use support::{
+    Process, Server, WAIT, assert_steps_in_order, build_firmware, count, edit_agent_config, enroll,
+    generate_signing_key, payload, start_agent, wait_for,
+};
 
 struct Device {
     id: &'static str,
@@ -22,80 +22,13 @@ struct Device {
 }
 
 fn enroll_and_start(server: &Server, root: &Path, id: &'static str, tag: &str) -> Device {
-    let dir = root.join(id);
-    server.otter_ok(&[
-        "device",
-        "enroll",
-        id,
-        "--tags",
-        tag,
-        "--hardware",
-        "revB",
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
-    let config = dir.join("agent.toml");
-    let agent = Process::spawn(
-        id,
-        Command::new(binary("otter-agent"))
-            .arg("--config")
-            .arg(&config),
-        root,
-    );
+    let dir = enroll(server, root, id, Some(tag));
+    let agent = start_agent(root, id, &dir);
     Device {
         id,
         dir,
         _agent: agent,
     }
-}
-
-fn build_package(root: &Path, key: &Path, version: &str, payload: &[u8]) -> PathBuf {
-    let input = root.join(format!("payload-{version}.bin"));
-    fs::write(&input, payload).unwrap();
-    let out = root.join(format!("sensor-fw-{version}.otter"));
-    let output = otter_offline(&[
-        "package",
-        "build",
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        "sensor-fw",
-        "--version",
-        version,
-        "--kind",
-        "firmware",
-        "--hardware",
-        "revB",
-        "--out",
-        out.to_str().unwrap(),
-        input.to_str().unwrap(),
-    ]);
-    assert!(
-        output.status.success(),
-        "package build: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    out
-}
-
-/// Deterministic, poorly compressible payload of `size` bytes.
-fn payload(size: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
-
-fn wait_deployment_complete(server: &Server, id: &str) -> DeploymentStatus {
-    wait_for(&format!("deployment {id} to complete"), WAIT, || {
-        let status: DeploymentStatus = server.otter_json(&["deploy", "status", id]);
-        status.info.complete.then_some(status)
-    })
 }
 
 /// A reqwest client presenting `device`'s certificate to the device endpoint.
@@ -107,6 +40,19 @@ fn device_client(device_dir: &Path, ca_dir: &Path) -> reqwest::Client {
         .tls_certs_only([ca])
         .identity(reqwest::Identity::from_pem(&identity).unwrap())
         .build()
+        .unwrap()
+}
+
+/// GETs `url` on the device endpoint with the certificate of `device_dir`.
+async fn get_with_device_certificate(
+    device_dir: &Path,
+    ca_dir: &Path,
+    url: &str,
+) -> reqwest::Response {
+    device_client(device_dir, ca_dir)
+        .get(url)
+        .send()
+        .await
         .unwrap()
 }
 
@@ -127,14 +73,7 @@ async fn push_pull_to_a_fleet_end_to_end() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
 
-    let key = root.join("signing.key");
-    let output = otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let public_key = root.join("signing.key.pub");
+    let (key, public_key) = generate_signing_key(root, "signing.key");
     let server = Server::start(root, &[&public_key]);
 
     let a = enroll_and_start(&server, root, "dev-a", "line-2");
@@ -143,7 +82,7 @@ async fn push_pull_to_a_fleet_end_to_end() {
 
     // Step 1: all three register (mode, agent version and hardware stored).
     wait_for("three registrations", WAIT, || {
-        let devices: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
+        let devices = server.devices();
         (devices.len() == 3
             && devices
                 .iter()
@@ -153,7 +92,7 @@ async fn push_pull_to_a_fleet_end_to_end() {
 
     // A tampered package is refused at upload and leaves nothing behind.
     let good_payload = payload(3 << 20, 7);
-    let good = build_package(root, &key, "1.0.0", &good_payload);
+    let good = build_firmware(root, &key, "1.0.0", &good_payload);
     let mut tampered_bytes = fs::read(&good).unwrap();
     let last = tampered_bytes.len() - 100;
     tampered_bytes[last] ^= 0x55;
@@ -173,24 +112,9 @@ async fn push_pull_to_a_fleet_end_to_end() {
     );
 
     // Steps 2–9: deploy to fleet line-2 (dev-a and dev-b, not dev-c).
-    assert_eq!(
-        server
-            .otter_ok(&["release", "upload", good.to_str().unwrap()])
-            .trim(),
-        "sensor-fw@1.0.0"
-    );
-    let deployment = server
-        .otter_ok(&[
-            "deploy",
-            "create",
-            "--release",
-            "sensor-fw@1.0.0",
-            "--target",
-            "fleet:line-2",
-        ])
-        .trim()
-        .to_owned();
-    let status = wait_deployment_complete(&server, &deployment);
+    assert_eq!(server.upload_release(&good), "sensor-fw@1.0.0");
+    let deployment = server.create_deployment("sensor-fw@1.0.0", "fleet:line-2");
+    let status = server.wait_deployment_complete(&deployment);
     assert_eq!(status.info.devices, 2);
     let mut targeted: Vec<_> = status
         .targets
@@ -219,8 +143,7 @@ async fn push_pull_to_a_fleet_end_to_end() {
         !c.dir.join("installed/sensor-fw").exists(),
         "dev-c installed an update not meant for it"
     );
-    let devices: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
-    for d in &devices {
+    for d in &server.devices() {
         let version = d.installed.get("sensor-fw").map(ToString::to_string);
         let expected = (d.device_id.as_str() != "dev-c").then(|| "1.0.0".to_owned());
         assert_eq!(
@@ -242,25 +165,8 @@ async fn push_pull_to_a_fleet_end_to_end() {
         "device.installed",
     ];
     for device in [&a, &b] {
-        let audit: Vec<AuditEntry> = server.otter_json(&[
-            "audit",
-            "list",
-            "--device",
-            device.id,
-            "--deployment",
-            &deployment,
-        ]);
-        let events: Vec<&str> = audit.iter().map(|e| e.event.as_str()).collect();
-        let mut position = 0;
-        for step in expected_steps {
-            let found = events[position..].iter().position(|e| *e == step);
-            assert!(
-                found.is_some(),
-                "{}: audit lacks {step} after position {position}: {events:?}",
-                device.id
-            );
-            position += found.unwrap_or(0) + 1;
-        }
+        let audit = server.audit(device.id, &deployment);
+        assert_steps_in_order(device.id, &audit, &expected_steps);
         let installed = audit
             .iter()
             .find(|e| e.event == "device.installed")
@@ -270,14 +176,7 @@ async fn push_pull_to_a_fleet_end_to_end() {
             (device.id, Some(device.id))
         );
     }
-    let audit_c: Vec<AuditEntry> = server.otter_json(&[
-        "audit",
-        "list",
-        "--device",
-        "dev-c",
-        "--deployment",
-        &deployment,
-    ]);
+    let audit_c = server.audit("dev-c", &deployment);
     assert!(
         audit_c.is_empty(),
         "dev-c appears in the deployment's audit: {audit_c:?}"
@@ -286,11 +185,7 @@ async fn push_pull_to_a_fleet_end_to_end() {
     // The links are revoked; another device's certificate is refused.
     let ca_dir = &a.dir;
     let link_a = persisted_link(&a);
-    let answer = device_client(&a.dir, ca_dir)
-        .get(&link_a)
-        .send()
-        .await
-        .unwrap();
+    let answer = get_with_device_certificate(&a.dir, ca_dir, &link_a).await;
     assert_eq!(
         answer.status(),
         reqwest::StatusCode::GONE,
@@ -298,11 +193,7 @@ async fn push_pull_to_a_fleet_end_to_end() {
     );
     let body: otter_proto::api::ErrorBody = answer.json().await.unwrap();
     assert!(!body.message.is_empty());
-    let answer = device_client(&c.dir, ca_dir)
-        .get(&link_a)
-        .send()
-        .await
-        .unwrap();
+    let answer = get_with_device_certificate(&c.dir, ca_dir, &link_a).await;
     assert_eq!(
         answer.status(),
         reqwest::StatusCode::FORBIDDEN,
@@ -326,32 +217,22 @@ async fn push_pull_to_a_fleet_end_to_end() {
 
     // A tampered download is never installed: corrupt the stored artifact
     // of a second release, deploy it to dev-c, and watch it fail.
-    let second = build_package(root, &key, "2.0.0", &payload(1 << 20, 9));
+    let second = build_firmware(root, &key, "2.0.0", &payload(1 << 20, 9));
     let release: ReleaseInfo =
         serde_json::from_str(&server.otter_ok(&["release", "list", "--json"]))
             .map(|all: Vec<ReleaseInfo>| all.into_iter().next().unwrap())
             .unwrap();
     assert_eq!(release.id, "sensor-fw@1.0.0");
-    server.otter_ok(&["release", "upload", second.to_str().unwrap()]);
+    server.upload_release(&second);
     let blob = find_file_of_size(
         &server.data_dir.join("blobs"),
-        artifact_size(&server, "sensor-fw@2.0.0"),
+        server.artifact_size("sensor-fw@2.0.0"),
     );
     let mut blob_bytes = fs::read(&blob).unwrap();
     blob_bytes[1000] ^= 0xff;
     fs::write(&blob, &blob_bytes).unwrap();
-    let deployment2 = server
-        .otter_ok(&[
-            "deploy",
-            "create",
-            "--release",
-            "sensor-fw@2.0.0",
-            "--target",
-            "device:dev-c",
-        ])
-        .trim()
-        .to_owned();
-    let status = wait_deployment_complete(&server, &deployment2);
+    let deployment2 = server.create_deployment("sensor-fw@2.0.0", "device:dev-c");
+    let status = server.wait_deployment_complete(&deployment2);
     assert_eq!(status.targets.len(), 1);
     assert_eq!(status.targets[0].phase, Phase::Failed, "{status:?}");
     let reason = status.targets[0].detail.clone().unwrap_or_default();
@@ -371,15 +252,6 @@ async fn push_pull_to_a_fleet_end_to_end() {
         leftovers.iter().all(|p| !p.join("payload").exists()),
         "unpacked payload left in {leftovers:?}"
     );
-}
-
-fn artifact_size(server: &Server, release: &str) -> u64 {
-    let releases: Vec<ReleaseInfo> = server.otter_json(&["release", "list"]);
-    releases
-        .into_iter()
-        .find(|r| r.id == release)
-        .map(|r| r.artifact_size)
-        .expect("release listed")
 }
 
 fn find_file_of_size(dir: &Path, size: u64) -> PathBuf {
@@ -423,118 +295,71 @@ fn foreign_identity() -> String {
     format!("{}{}", cert.pem(), key.serialize_pem())
 }
 
-fn count(audit: &[AuditEntry], event: &str) -> usize {
-    audit.iter().filter(|e| e.event == event).count()
-}
-
 /// An agent killed while it waits for a safe state resumes from its landing
 /// zone after a restart: it neither downloads again nor installs twice.
 #[test]
 fn agent_restart_resumes_without_repeating_steps() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let key = root.join("signing.key");
-    assert!(
-        otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()])
-            .status
-            .success()
-    );
-    let mut server = Server::start(root, &[&root.join("signing.key.pub")]);
+    let (key, public_key) = generate_signing_key(root, "signing.key");
+    let mut server = Server::start(root, &[&public_key]);
 
-    let dir = root.join("dev-r");
-    server.otter_ok(&[
-        "device",
-        "enroll",
-        "dev-r",
-        "--hardware",
-        "revB",
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
+    let dir = enroll(&server, root, "dev-r", None);
     // The device is "busy" until the file `safe` exists.
     let safe_flag = root.join("safe");
-    let config_path = dir.join("agent.toml");
-    let config = fs::read_to_string(&config_path).unwrap();
     let probe = format!(
         "command = [\"test\", \"-f\", {:?}]",
         safe_flag.to_str().unwrap()
     );
-    let config = config.replacen("command = []", &probe, 1).replace(
-        "initial_backoff = \"1s\"\nmax_backoff = \"60s\"\ndeadline",
-        "initial_backoff = \"100ms\"\nmax_backoff = \"300ms\"\ndeadline",
-    );
-    assert!(config.contains(&probe), "probe not set in {config}");
-    fs::write(&config_path, config).unwrap();
-    let start_agent = || {
-        Process::spawn(
-            "dev-r",
-            Command::new(binary("otter-agent"))
-                .arg("--config")
-                .arg(&config_path),
-            root,
+    let config = edit_agent_config(&dir, |config| {
+        config.replacen("command = []", &probe, 1).replace(
+            "initial_backoff = \"1s\"\nmax_backoff = \"60s\"\ndeadline",
+            "initial_backoff = \"100ms\"\nmax_backoff = \"300ms\"\ndeadline",
         )
-    };
+    });
+    assert!(config.contains(&probe), "probe not set in {config}");
+    let spawn_agent = || start_agent(root, "dev-r", &dir);
 
-    let mut agent = start_agent();
+    let mut agent = spawn_agent();
     wait_for("dev-r to register", WAIT, || {
-        let devices: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
-        devices.iter().any(|d| d.mode.is_some()).then_some(())
+        server
+            .devices()
+            .iter()
+            .any(|d| d.mode.is_some())
+            .then_some(())
     });
     let content = payload(2 << 20, 11);
-    let package = build_package(root, &key, "1.0.0", &content);
-    server.otter_ok(&["release", "upload", package.to_str().unwrap()]);
-    let deployment = server
-        .otter_ok(&[
-            "deploy",
-            "create",
-            "--release",
-            "sensor-fw@1.0.0",
-            "--target",
-            "device:dev-r",
-        ])
-        .trim()
-        .to_owned();
+    let package = build_firmware(root, &key, "1.0.0", &content);
+    server.upload_release(&package);
+    let deployment = server.create_deployment("sensor-fw@1.0.0", "device:dev-r");
     wait_for("dev-r to download", WAIT, || {
-        let status: DeploymentStatus = server.otter_json(&["deploy", "status", &deployment]);
+        let status = server.deployment_status(&deployment);
         (status.targets[0].phase == Phase::Downloaded).then_some(())
     });
 
     // Killed without warning while waiting for the safe state.
     drop(agent);
     assert!(!dir.join("installed/sensor-fw").exists());
-    let registrations_before = {
-        let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r"]);
-        count(&audit, "device.registered")
-    };
-    agent = start_agent();
+    let registrations_before = count(&server.device_audit("dev-r"), "device.registered");
+    agent = spawn_agent();
     wait_for("dev-r to register again", WAIT, || {
-        let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r"]);
-        (count(&audit, "device.registered") > registrations_before).then_some(())
+        (count(&server.device_audit("dev-r"), "device.registered") > registrations_before)
+            .then_some(())
     });
     fs::write(&safe_flag, b"").unwrap();
-    let status = wait_deployment_complete(&server, &deployment);
+    let status = server.wait_deployment_complete(&deployment);
     assert_eq!(status.targets[0].phase, Phase::Installed, "{status:?}");
     assert!(fs::read(dir.join("installed/sensor-fw")).unwrap() == content);
 
     // A further restart changes nothing: no second install.
     drop(agent);
-    let registrations_before = {
-        let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r"]);
-        count(&audit, "device.registered")
-    };
-    let _agent = start_agent();
+    let registrations_before = count(&server.device_audit("dev-r"), "device.registered");
+    let _agent = spawn_agent();
     wait_for("dev-r to register a third time", WAIT, || {
-        let audit: Vec<AuditEntry> = server.otter_json(&["audit", "list", "--device", "dev-r"]);
-        (count(&audit, "device.registered") > registrations_before).then_some(())
+        (count(&server.device_audit("dev-r"), "device.registered") > registrations_before)
+            .then_some(())
     });
-    let audit: Vec<AuditEntry> = server.otter_json(&[
-        "audit",
-        "list",
-        "--device",
-        "dev-r",
-        "--deployment",
-        &deployment,
-    ]);
+    let audit = server.audit("dev-r", &deployment);
     assert_eq!(
         count(&audit, "download.served"),
         1,

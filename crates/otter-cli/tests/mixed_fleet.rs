@@ -5,44 +5,21 @@
 mod support;
 
 use std::fs;
-use std::process::Command;
-use std::time::Duration;
 
-use otter_proto::api::{AuditEntry, Channel, DeploymentStatus, DeviceInfo};
+use otter_proto::api::{AuditEntry, Channel};
 use otter_proto::deployment::Phase;
 use otter_proto::messages::Mode;
-use support::{Process, Server, binary, otter_offline, wait_for};
-
-const WAIT: Duration = Duration::from_secs(120);
-
-/// Deterministic, poorly compressible payload of `size` bytes.
-fn payload(size: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
+use support::{
+    WAIT, build_firmware, edit_agent_config, enroll, has, payload, start_agent,
+    start_server_with_key, wait_for, with_fast_poll, with_mode,
+};
 
 #[test]
 fn one_deployment_reaches_each_device_in_its_own_mode() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let key = root.join("signing.key");
-    assert!(
-        otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()])
-            .status
-            .success()
-    );
-    let server = Server::start_with(
-        root,
-        &[&root.join("signing.key.pub")],
-        &["--push-chunk-size", "65536", "--push-window", "4"],
-    );
+    let (server, key) =
+        start_server_with_key(root, &["--push-chunk-size", "65536", "--push-window", "4"]);
 
     let devices = [
         ("dev-push", Mode::Push),
@@ -51,41 +28,17 @@ fn one_deployment_reaches_each_device_in_its_own_mode() {
     ];
     let mut agents = Vec::new();
     for (id, mode) in devices {
-        let dir = root.join(id);
-        server.otter_ok(&[
-            "device",
-            "enroll",
-            id,
-            "--tags",
-            "plant-3",
-            "--hardware",
-            "revB",
-            "--out",
-            dir.to_str().unwrap(),
-        ]);
-        let config_path = dir.join("agent.toml");
-        let config = fs::read_to_string(&config_path).unwrap();
-        let edited = config
-            .replacen(
-                "mode = \"push-pull\"",
-                &format!("mode = \"{}\"", mode.as_str()),
-                1,
-            )
-            .replacen("poll_interval = \"30s\"", "poll_interval = \"1s\"", 1);
+        let dir = enroll(&server, root, id, Some("plant-3"));
+        let edited = edit_agent_config(&dir, |config| {
+            with_fast_poll(&with_mode(&config, mode.as_str()))
+        });
         assert!(edited.contains("poll_interval = \"1s\""), "{edited}");
-        fs::write(&config_path, edited).unwrap();
-        agents.push(Process::spawn(
-            id,
-            Command::new(binary("otter-agent"))
-                .arg("--config")
-                .arg(&config_path),
-            root,
-        ));
+        agents.push(start_agent(root, id, &dir));
     }
 
     // Each registers in its own mode, over its own channel.
     let registered = wait_for("three registrations", WAIT, || {
-        let listed: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
+        let listed = server.devices();
         (listed.len() == 3 && listed.iter().all(|d| d.mode.is_some())).then_some(listed)
     });
     for (id, mode) in devices {
@@ -103,48 +56,10 @@ fn one_deployment_reaches_each_device_in_its_own_mode() {
     }
 
     let content = payload(2 << 20, 3);
-    let input = root.join("firmware.bin");
-    fs::write(&input, &content).unwrap();
-    let package = root.join("fw.otter");
-    let built = otter_offline(&[
-        "package",
-        "build",
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        "sensor-fw",
-        "--version",
-        "1.0.0",
-        "--kind",
-        "firmware",
-        "--hardware",
-        "revB",
-        "--out",
-        package.to_str().unwrap(),
-        input.to_str().unwrap(),
-    ]);
-    assert!(
-        built.status.success(),
-        "{}",
-        String::from_utf8_lossy(&built.stderr)
-    );
-    server.otter_ok(&["release", "upload", package.to_str().unwrap()]);
-    let deployment = server
-        .otter_ok(&[
-            "deploy",
-            "create",
-            "--release",
-            "sensor-fw@1.0.0",
-            "--target",
-            "fleet:plant-3",
-        ])
-        .trim()
-        .to_owned();
+    let package = build_firmware(root, &key, "1.0.0", &content);
+    let deployment = server.upload_and_deploy(&package, "sensor-fw@1.0.0", "fleet:plant-3");
 
-    let status = wait_for("the mixed deployment to complete", WAIT, || {
-        let status: DeploymentStatus = server.otter_json(&["deploy", "status", &deployment]);
-        status.info.complete.then_some(status)
-    });
+    let status = server.wait_deployment_complete(&deployment);
     assert_eq!(status.info.devices, 3);
     for target in &status.targets {
         assert_eq!(target.phase, Phase::Installed, "{target:?}");
@@ -155,10 +70,7 @@ fn one_deployment_reaches_each_device_in_its_own_mode() {
     }
 
     // Each was reached its own way: pushed chunks, a poll answer, an MQTT link.
-    let audit_of = |id: &str| -> Vec<AuditEntry> {
-        server.otter_json(&["audit", "list", "--device", id, "--deployment", &deployment])
-    };
-    let has = |audit: &[AuditEntry], event: &str| audit.iter().any(|e| e.event == event);
+    let audit_of = |id: &str| server.audit(id, &deployment);
     let sent_via = |audit: &[AuditEntry]| -> Vec<String> {
         audit
             .iter()

@@ -11,30 +11,16 @@ mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
 
-use otter_proto::api::{AuditEntry, DeploymentStatus, DeviceInfo};
 use otter_proto::deployment::Phase;
 use otter_proto::messages::Mode;
-use support::{Process, Server, binary, otter_offline, wait_for};
-
-const WAIT: Duration = Duration::from_secs(120);
+use support::{
+    Process, Server, build_package, edit_agent_config, enroll, events, start_agent,
+    start_server_with_key, with_fast_poll, with_mode,
+};
 
 /// The name the agent recognises as its own configuration.
 const CONFIG_PACKAGE: &str = "otter-agent-config";
-
-fn start_server(root: &Path) -> (Server, PathBuf) {
-    let key = root.join("signing.key");
-    let output = otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let server = Server::start(root, &[&root.join("signing.key.pub")]);
-    (server, key)
-}
 
 /// Enrols `id` with `tag`, sets `mode` in its agent.toml and starts it.
 fn enroll_in_mode(
@@ -44,124 +30,20 @@ fn enroll_in_mode(
     tag: &str,
     mode: &str,
 ) -> (PathBuf, Process) {
-    let dir = root.join(id);
-    server.otter_ok(&[
-        "device",
-        "enroll",
-        id,
-        "--tags",
-        tag,
-        "--hardware",
-        "revB",
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
-    let config = dir.join("agent.toml");
-    let text = fs::read_to_string(&config).unwrap();
+    let dir = enroll(server, root, id, Some(tag));
     // Pull devices poll every second, so the test does not wait for them.
-    let edited = text
-        .replacen("mode = \"push-pull\"", &format!("mode = \"{mode}\""), 1)
-        .replacen("poll_interval = \"30s\"", "poll_interval = \"1s\"", 1);
+    let edited = edit_agent_config(&dir, |text| with_fast_poll(&with_mode(&text, mode)));
     assert!(
         edited.contains(&format!("mode = \"{mode}\"")) && edited.contains("poll_interval = \"1s\""),
         "mode not set in {edited}"
     );
-    fs::write(&config, edited).unwrap();
-    let agent = Process::spawn(
-        id,
-        Command::new(binary("otter-agent"))
-            .arg("--config")
-            .arg(&config),
-        root,
-    );
+    let agent = start_agent(root, id, &dir);
     (dir, agent)
 }
 
-fn build_package(
-    root: &Path,
-    key: &Path,
-    name: &str,
-    version: &str,
-    kind: &str,
-    payload: &[u8],
-) -> PathBuf {
-    let input = root.join(format!("{name}-{version}.payload"));
-    fs::write(&input, payload).unwrap();
-    let out = root.join(format!("{name}-{version}.otter"));
-    let output = otter_offline(&[
-        "package",
-        "build",
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        name,
-        "--version",
-        version,
-        "--kind",
-        kind,
-        "--hardware",
-        "revB",
-        "--out",
-        out.to_str().unwrap(),
-        input.to_str().unwrap(),
-    ]);
-    assert!(
-        output.status.success(),
-        "package build: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    out
-}
-
-fn deploy(server: &Server, package: &Path, release: &str, target: &str) -> String {
-    server.otter_ok(&["release", "upload", package.to_str().unwrap()]);
-    server
-        .otter_ok(&["deploy", "create", "--release", release, "--target", target])
-        .trim()
-        .to_owned()
-}
-
-fn wait_complete(server: &Server, deployment: &str) -> DeploymentStatus {
-    wait_for(
-        &format!("deployment {deployment} to complete"),
-        WAIT,
-        || {
-            let status: DeploymentStatus = server.otter_json(&["deploy", "status", deployment]);
-            status.info.complete.then_some(status)
-        },
-    )
-}
-
-fn devices(server: &Server) -> Vec<DeviceInfo> {
-    server.otter_json(&["devices", "list"])
-}
-
-fn wait_modes(server: &Server, ids: &[&str], mode: Mode) {
-    wait_for(
-        &format!("{ids:?} registered in mode {mode:?}"),
-        WAIT,
-        || {
-            let all = devices(server);
-            ids.iter()
-                .all(|id| {
-                    all.iter()
-                        .any(|d| d.device_id.as_str() == *id && d.mode == Some(mode))
-                })
-                .then_some(())
-        },
-    );
-}
-
 fn audit_events(server: &Server, device: &str, deployment: &str) -> Vec<String> {
-    let audit: Vec<AuditEntry> = server.otter_json(&[
-        "audit",
-        "list",
-        "--device",
-        device,
-        "--deployment",
-        deployment,
-    ]);
-    audit.into_iter().map(|e| e.event).collect()
+    let audit = server.audit(device, deployment);
+    events(&audit).into_iter().map(str::to_owned).collect()
 }
 
 /// Devices in `start` mode are switched to push-pull by one config
@@ -170,7 +52,7 @@ fn audit_events(server: &Server, device: &str, deployment: &str) -> Vec<String> 
 fn switch_to_push_pull(start: &str, start_mode: Mode, delivered_by: &str) {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let (server, key) = start_server(root);
+    let (server, key) = start_server_with_key(root, &[]);
     let ids = ["dev-1", "dev-2"];
     let mut agents = Vec::new();
     let mut dirs = Vec::new();
@@ -179,7 +61,7 @@ fn switch_to_push_pull(start: &str, start_mode: Mode, delivered_by: &str) {
         dirs.push(dir);
         agents.push(agent);
     }
-    wait_modes(&server, &ids, start_mode);
+    server.wait_modes(&ids, start_mode);
 
     // One deployment of the agent's configuration, delivered in `start` mode.
     let config = build_package(
@@ -190,13 +72,9 @@ fn switch_to_push_pull(start: &str, start_mode: Mode, delivered_by: &str) {
         "config",
         b"# fleet switch\nmode = \"push-pull\"\n",
     );
-    let deployment = deploy(
-        &server,
-        &config,
-        &format!("{CONFIG_PACKAGE}@1.0.0"),
-        "fleet:switch",
-    );
-    let status = wait_complete(&server, &deployment);
+    let deployment =
+        server.upload_and_deploy(&config, &format!("{CONFIG_PACKAGE}@1.0.0"), "fleet:switch");
+    let status = server.wait_deployment_complete(&deployment);
     for target in &status.targets {
         assert_eq!(target.phase, Phase::Installed, "{status:?}");
         let events = audit_events(&server, target.device_id.as_str(), &deployment);
@@ -207,14 +85,11 @@ fn switch_to_push_pull(start: &str, start_mode: Mode, delivered_by: &str) {
         );
     }
     // Without manual intervention, each agent runs again in its new mode.
-    wait_modes(&server, &ids, Mode::PushPull);
+    server.wait_modes(&ids, Mode::PushPull);
     for (id, dir) in ids.iter().zip(&dirs) {
         let overlay = fs::read_to_string(dir.join("state/remote-config.toml")).unwrap();
         assert!(overlay.contains("push-pull"), "{id}: overlay {overlay}");
-        let device = devices(&server)
-            .into_iter()
-            .find(|d| d.device_id.as_str() == *id)
-            .unwrap();
+        let device = server.device(id).unwrap();
         assert_eq!(
             device
                 .installed
@@ -228,8 +103,8 @@ fn switch_to_push_pull(start: &str, start_mode: Mode, delivered_by: &str) {
     // A second release goes through push-pull: a link and a download.
     let firmware = b"second release, delivered by push-pull".to_vec();
     let package = build_package(root, &key, "sensor-fw", "1.0.0", "firmware", &firmware);
-    let second = deploy(&server, &package, "sensor-fw@1.0.0", "fleet:switch");
-    let status = wait_complete(&server, &second);
+    let second = server.upload_and_deploy(&package, "sensor-fw@1.0.0", "fleet:switch");
+    let status = server.wait_deployment_complete(&second);
     for target in &status.targets {
         assert_eq!(target.phase, Phase::Installed, "{status:?}");
     }
@@ -268,9 +143,9 @@ fn pull_devices_switch_to_push_pull_by_a_config_deployment() {
 fn a_bad_configuration_is_refused_and_the_agent_keeps_its_mode() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let (server, key) = start_server(root);
+    let (server, key) = start_server_with_key(root, &[]);
     let (dir, mut agent) = enroll_in_mode(&server, root, "dev-x", "bad", "push-pull");
-    wait_modes(&server, &["dev-x"], Mode::PushPull);
+    server.wait_modes(&["dev-x"], Mode::PushPull);
 
     let cases = [
         (
@@ -294,13 +169,12 @@ fn a_bad_configuration_is_refused_and_the_agent_keeps_its_mode() {
             "config",
             text.as_bytes(),
         );
-        let deployment = deploy(
-            &server,
+        let deployment = server.upload_and_deploy(
             &package,
             &format!("{CONFIG_PACKAGE}@{version}"),
             "device:dev-x",
         );
-        let status = wait_complete(&server, &deployment);
+        let status = server.wait_deployment_complete(&deployment);
         assert_eq!(status.targets[0].phase, Phase::Failed, "{status:?}");
         let detail = status.targets[0].detail.clone().unwrap_or_default();
         assert!(detail.contains(reason), "{version}: reason {detail:?}");
@@ -311,18 +185,15 @@ fn a_bad_configuration_is_refused_and_the_agent_keeps_its_mode() {
     }
     // Still running, still push-pull, and nothing recorded as installed.
     assert_eq!(agent.exited(), None, "the agent exited");
-    let device = devices(&server)
-        .into_iter()
-        .find(|d| d.device_id.as_str() == "dev-x")
-        .unwrap();
+    let device = server.device("dev-x").unwrap();
     assert_eq!(device.mode, Some(Mode::PushPull));
     assert_eq!(device.installed.get(CONFIG_PACKAGE), None);
 
     // And it still installs what it is sent.
     let firmware = b"after the refused configurations".to_vec();
     let package = build_package(root, &key, "sensor-fw", "1.0.0", "firmware", &firmware);
-    let deployment = deploy(&server, &package, "sensor-fw@1.0.0", "device:dev-x");
-    let status = wait_complete(&server, &deployment);
+    let deployment = server.upload_and_deploy(&package, "sensor-fw@1.0.0", "device:dev-x");
+    let status = server.wait_deployment_complete(&deployment);
     assert_eq!(status.targets[0].phase, Phase::Installed, "{status:?}");
     assert_eq!(fs::read(dir.join("installed/sensor-fw")).unwrap(), firmware);
 }

@@ -15,162 +15,42 @@ mod support;
 use std::fs;
 use std::io;
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use otter_proto::api::{AuditEntry, Channel, DeploymentStatus, DeviceInfo};
+use otter_proto::api::{AuditEntry, Channel};
 use otter_proto::deployment::Phase;
 use otter_proto::messages::Mode;
-use support::{Process, Server, binary, otter_offline, wait_for};
-
-const WAIT: Duration = Duration::from_secs(120);
-
-fn signing_key(root: &Path) -> (PathBuf, PathBuf) {
-    let key = root.join("signing.key");
-    let output = otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (key, root.join("signing.key.pub"))
-}
-
-/// Enrols `id` and returns its bundle folder; `edit` rewrites its agent.toml.
-fn enroll(server: &Server, root: &Path, id: &str, edit: impl FnOnce(String) -> String) -> PathBuf {
-    let dir = root.join(id);
-    server.otter_ok(&[
-        "device",
-        "enroll",
-        id,
-        "--hardware",
-        "revB",
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
-    let config = dir.join("agent.toml");
-    let text = fs::read_to_string(&config).unwrap();
-    let edited = edit(text.clone());
-    assert_ne!(edited, text, "the edit of agent.toml changed nothing");
-    fs::write(&config, edited).unwrap();
-    dir
-}
-
-fn start_agent(root: &Path, id: &str, dir: &Path) -> Process {
-    Process::spawn(
-        id,
-        Command::new(binary("otter-agent"))
-            .arg("--config")
-            .arg(dir.join("agent.toml")),
-        root,
-    )
-}
-
-/// Deterministic, poorly compressible payload of `size` bytes.
-fn payload(size: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
-}
+use support::{
+    Server, WAIT, assert_steps_in_order, build_firmware, edit_agent_config, enroll,
+    generate_signing_key, payload, start_agent, wait_for, with_fast_poll, with_mode,
+};
 
 /// Builds and uploads sensor-fw `version` of `content`.
 fn release(server: &Server, root: &Path, key: &Path, version: &str, content: &[u8]) {
-    let input = root.join(format!("payload-{version}.bin"));
-    fs::write(&input, content).unwrap();
-    let package = root.join(format!("sensor-fw-{version}.otter"));
-    let output = otter_offline(&[
-        "package",
-        "build",
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        "sensor-fw",
-        "--version",
-        version,
-        "--kind",
-        "firmware",
-        "--hardware",
-        "revB",
-        "--out",
-        package.to_str().unwrap(),
-        input.to_str().unwrap(),
-    ]);
-    assert!(
-        output.status.success(),
-        "package build: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    server.otter_ok(&["release", "upload", package.to_str().unwrap()]);
+    server.upload_release(&build_firmware(root, key, version, content));
 }
 
 fn deploy(server: &Server, release: &str, device: &str) -> String {
-    server
-        .otter_ok(&[
-            "deploy",
-            "create",
-            "--release",
-            release,
-            "--target",
-            &format!("device:{device}"),
-        ])
-        .trim()
-        .to_owned()
-}
-
-fn device(server: &Server, id: &str) -> Option<DeviceInfo> {
-    let devices: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
-    devices.into_iter().find(|d| d.device_id.as_str() == id)
-}
-
-fn audit(server: &Server, device: &str, deployment: &str) -> Vec<AuditEntry> {
-    server.otter_json(&[
-        "audit",
-        "list",
-        "--device",
-        device,
-        "--deployment",
-        deployment,
-    ])
-}
-
-/// Asserts that `steps` occur in this order in `audit`.
-fn assert_steps_in_order(audit: &[AuditEntry], steps: &[&str]) {
-    let events: Vec<&str> = audit.iter().map(|e| e.event.as_str()).collect();
-    let mut position = 0;
-    for step in steps {
-        let found = events[position..].iter().position(|e| e == step);
-        assert!(
-            found.is_some(),
-            "audit lacks {step} after position {position}: {events:?}"
-        );
-        position += found.unwrap_or(0) + 1;
-    }
+    server.create_deployment(release, &format!("device:{device}"))
 }
 
 #[test]
 fn pull_mode_agent_registers_by_polling_and_installs() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let (key, public_key) = signing_key(root);
+    let (key, public_key) = generate_signing_key(root, "signing.key");
     let server = Server::start(root, &[&public_key]);
-    let dir = enroll(&server, root, "dev-pull", |text| {
-        text.replacen("mode = \"push-pull\"", "mode = \"pull\"", 1)
-            .replacen("poll_interval = \"30s\"", "poll_interval = \"1s\"", 1)
-    });
+    let dir = enroll(&server, root, "dev-pull", None);
+    edit_agent_config(&dir, |text| with_fast_poll(&with_mode(&text, "pull")));
     let agent = start_agent(root, "dev-pull", &dir);
 
     // First contact is a poll: the device is registered, marked as such.
     let info = wait_for("dev-pull to register by polling", WAIT, || {
-        device(&server, "dev-pull").filter(|d| d.registered_at.is_some())
+        server
+            .device("dev-pull")
+            .filter(|d| d.registered_at.is_some())
     });
     assert_eq!(info.registered_via, Some(Channel::Poll));
     assert_eq!(info.mode, Some(Mode::Pull));
@@ -187,10 +67,7 @@ fn pull_mode_agent_registers_by_polling_and_installs() {
     let content = payload(2 << 20, 21);
     release(&server, root, &key, "1.0.0", &content);
     let deployment = deploy(&server, "sensor-fw@1.0.0", "dev-pull");
-    let status = wait_for("the pull deployment to complete", WAIT, || {
-        let status: DeploymentStatus = server.otter_json(&["deploy", "status", &deployment]);
-        status.info.complete.then_some(status)
-    });
+    let status = server.wait_deployment_complete(&deployment);
     assert_eq!(status.targets[0].phase, Phase::Installed, "{status:?}");
     assert!(
         fs::read(dir.join("installed/sensor-fw")).unwrap() == content,
@@ -198,8 +75,9 @@ fn pull_mode_agent_registers_by_polling_and_installs() {
     );
 
     // Steps 3–9, every one audited; the notification went by poll.
-    let entries = audit(&server, "dev-pull", &deployment);
+    let entries = server.audit("dev-pull", &deployment);
     assert_steps_in_order(
+        "dev-pull",
         &entries,
         &[
             "deployment.targeted",
@@ -224,7 +102,7 @@ fn pull_mode_agent_registers_by_polling_and_installs() {
 
     // After the install the next poll tells the server the new version.
     wait_for("dev-pull to announce sensor-fw 1.0.0", WAIT, || {
-        device(&server, "dev-pull").filter(|d| {
+        server.device("dev-pull").filter(|d| {
             d.installed.get("sensor-fw").map(ToString::to_string) == Some("1.0.0".into())
         })
     });
@@ -302,11 +180,12 @@ impl Gate {
 fn push_pull_reconcile_poll_picks_up_a_missed_notification() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let (key, public_key) = signing_key(root);
+    let (key, public_key) = generate_signing_key(root, "signing.key");
     let server = Server::start(root, &[&public_key]);
     let broker: SocketAddr = server.endpoints.mqtt.parse().unwrap();
     let gate = Gate::start(broker);
-    let dir = enroll(&server, root, "dev-rc", |text| {
+    let dir = enroll(&server, root, "dev-rc", None);
+    edit_agent_config(&dir, |text| {
         text.replacen(
             &format!("mqtt_url = \"mqtts://127.0.0.1:{}\"", broker.port()),
             &format!("mqtt_url = \"mqtts://127.0.0.1:{}\"", gate.address.port()),
@@ -320,7 +199,9 @@ fn push_pull_reconcile_poll_picks_up_a_missed_notification() {
     });
     let agent = start_agent(root, "dev-rc", &dir);
     let info = wait_for("dev-rc to register over MQTT", WAIT, || {
-        device(&server, "dev-rc").filter(|d| d.registered_at.is_some())
+        server
+            .device("dev-rc")
+            .filter(|d| d.registered_at.is_some())
     });
     assert_eq!(info.registered_via, Some(Channel::Mqtt));
     assert_eq!(info.mode, Some(Mode::PushPull));
@@ -338,7 +219,7 @@ fn push_pull_reconcile_poll_picks_up_a_missed_notification() {
             .ok()
             .filter(|bytes| *bytes == content)
     });
-    let entries = audit(&server, "dev-rc", &deployment);
+    let entries = server.audit("dev-rc", &deployment);
     assert!(
         entries
             .iter()
@@ -348,22 +229,16 @@ fn push_pull_reconcile_poll_picks_up_a_missed_notification() {
     assert!(entries.iter().any(|e| e.event == "download.served"));
     // Its reports travel over MQTT, which is still cut: the server has not
     // heard them.
-    let status: DeploymentStatus = server.otter_json(&["deploy", "status", &deployment]);
+    let status = server.deployment_status(&deployment);
     assert_eq!(status.targets[0].phase, Phase::Notified, "{status:?}");
 
     // MQTT back: the queued reports arrive and the deployment completes.
     gate.open();
-    let status = wait_for(
-        "the deployment to complete after MQTT is back",
-        WAIT,
-        || {
-            let status: DeploymentStatus = server.otter_json(&["deploy", "status", &deployment]);
-            status.info.complete.then_some(status)
-        },
-    );
+    let status = server.wait_deployment_complete(&deployment);
     assert_eq!(status.targets[0].phase, Phase::Installed, "{status:?}");
     assert_steps_in_order(
-        &audit(&server, "dev-rc", &deployment),
+        "dev-rc",
+        &server.audit("dev-rc", &deployment),
         &[
             "deployment.targeted",
             "link.created",
@@ -375,7 +250,7 @@ fn push_pull_reconcile_poll_picks_up_a_missed_notification() {
     );
     // Still the device that first came over MQTT.
     assert_eq!(
-        device(&server, "dev-rc").and_then(|d| d.registered_via),
+        server.device("dev-rc").and_then(|d| d.registered_via),
         Some(Channel::Mqtt)
     );
     drop(agent);

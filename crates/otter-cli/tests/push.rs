@@ -12,78 +12,21 @@ mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
-use otter_proto::api::{AuditEntry, DeploymentStatus, DeviceInfo, ReleaseInfo};
+use otter_proto::api::AuditEntry;
 use otter_proto::deployment::Phase;
 use otter_proto::messages::Mode;
-use support::{Process, Server, binary, otter_offline, wait_for};
-
-const WAIT: Duration = Duration::from_secs(120);
-
-fn signing_key(root: &Path) -> (PathBuf, PathBuf) {
-    let key = root.join("signing.key");
-    let output = otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    (key, root.join("signing.key.pub"))
-}
+use support::{
+    Server, WAIT, assert_steps_in_order, build_firmware, count, edit_agent_config, enroll, events,
+    find_event, generate_signing_key, payload, start_agent, with_mode,
+};
 
 /// Enrols `id` and switches its generated agent.toml to push mode.
 fn enroll_push_device(server: &Server, root: &Path, id: &str) -> PathBuf {
-    let dir = root.join(id);
-    server.otter_ok(&[
-        "device",
-        "enroll",
-        id,
-        "--hardware",
-        "revB",
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
-    let config = dir.join("agent.toml");
-    let text = fs::read_to_string(&config).unwrap();
-    let edited = text.replace("mode = \"push-pull\"", "mode = \"push\"");
-    assert_ne!(edited, text, "agent.toml has no mode line to edit:\n{text}");
-    fs::write(&config, edited).unwrap();
+    let dir = enroll(server, root, id, None);
+    edit_agent_config(&dir, |text| with_mode(&text, "push"));
     dir
-}
-
-fn start_agent(root: &Path, log_name: &str, dir: &Path) -> Process {
-    Process::spawn(
-        log_name,
-        Command::new(binary("otter-agent"))
-            .arg("--config")
-            .arg(dir.join("agent.toml")),
-        root,
-    )
-}
-
-fn wait_registered_as_push(server: &Server, id: &str) {
-    wait_for(&format!("{id} to register in push mode"), WAIT, || {
-        let devices: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
-        devices
-            .iter()
-            .any(|d| d.device_id.as_str() == id && d.mode == Some(Mode::Push))
-            .then_some(())
-    });
-}
-
-/// Deterministic, poorly compressible payload of `size` bytes.
-fn payload(size: usize, seed: u64) -> Vec<u8> {
-    let mut state = seed | 1;
-    (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            (state >> 24) as u8
-        })
-        .collect()
 }
 
 /// Builds, uploads and deploys `sensor-fw@version` to one device; returns
@@ -96,92 +39,17 @@ fn deploy(
     payload: &[u8],
     device: &str,
 ) -> (String, u64) {
-    let input = root.join(format!("payload-{version}.bin"));
-    fs::write(&input, payload).unwrap();
-    let package = root.join(format!("sensor-fw-{version}.otter"));
-    let output = otter_offline(&[
-        "package",
-        "build",
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        "sensor-fw",
-        "--version",
-        version,
-        "--kind",
-        "firmware",
-        "--hardware",
-        "revB",
-        "--out",
-        package.to_str().unwrap(),
-        input.to_str().unwrap(),
-    ]);
-    assert!(
-        output.status.success(),
-        "package build: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let release = server
-        .otter_ok(&["release", "upload", package.to_str().unwrap()])
-        .trim()
-        .to_owned();
-    let releases: Vec<ReleaseInfo> = server.otter_json(&["release", "list"]);
-    let artifact_size = releases
-        .iter()
-        .find(|r| r.id == release)
-        .map(|r| r.artifact_size)
-        .expect("uploaded release is listed");
-    let deployment = server
-        .otter_ok(&[
-            "deploy",
-            "create",
-            "--release",
-            &release,
-            "--target",
-            &format!("device:{device}"),
-        ])
-        .trim()
-        .to_owned();
+    let package = build_firmware(root, key, version, payload);
+    let release = server.upload_release(&package);
+    let artifact_size = server.artifact_size(&release);
+    let deployment = server.create_deployment(&release, &format!("device:{device}"));
     (deployment, artifact_size)
 }
 
 fn wait_installed(server: &Server, deployment: &str) {
-    let status = wait_for(
-        &format!("deployment {deployment} to complete"),
-        WAIT,
-        || {
-            let status: DeploymentStatus = server.otter_json(&["deploy", "status", deployment]);
-            status.info.complete.then_some(status)
-        },
-    );
+    let status = server.wait_deployment_complete(deployment);
     assert_eq!(status.targets.len(), 1);
     assert_eq!(status.targets[0].phase, Phase::Installed, "{status:?}");
-}
-
-fn audit(server: &Server, device: &str, deployment: &str) -> Vec<AuditEntry> {
-    server.otter_json(&[
-        "audit",
-        "list",
-        "--device",
-        device,
-        "--deployment",
-        deployment,
-    ])
-}
-
-/// Asserts that `steps` occur in `audit`, in this order (others may be
-/// between them).
-fn assert_steps_in_order(audit: &[AuditEntry], steps: &[&str]) {
-    let events: Vec<&str> = audit.iter().map(|e| e.event.as_str()).collect();
-    let mut position = 0;
-    for step in steps {
-        let found = events[position..].iter().position(|e| e == step);
-        assert!(
-            found.is_some(),
-            "audit lacks {step} after position {position}: {events:?}"
-        );
-        position += found.unwrap_or(0) + 1;
-    }
 }
 
 fn details_u64(entry: &AuditEntry, key: &str) -> u64 {
@@ -194,11 +62,11 @@ fn details_u64(entry: &AuditEntry, key: &str) -> u64 {
 fn push_mode_delivers_a_release_without_a_link() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let (key, public_key) = signing_key(root);
+    let (key, public_key) = generate_signing_key(root, "signing.key");
     let server = Server::start(root, &[&public_key]);
     let dir = enroll_push_device(&server, root, "dev-push");
     let _agent = start_agent(root, "dev-push", &dir);
-    wait_registered_as_push(&server, "dev-push");
+    server.wait_modes(&["dev-push"], Mode::Push);
 
     let content = payload(3 << 20, 11);
     let (deployment, artifact_size) = deploy(&server, root, &key, "1.0.0", &content, "dev-push");
@@ -208,8 +76,9 @@ fn push_mode_delivers_a_release_without_a_link() {
         "the installed payload differs from the release"
     );
 
-    let audit = audit(&server, "dev-push", &deployment);
+    let audit = server.audit("dev-push", &deployment);
     assert_steps_in_order(
+        "dev-push",
         &audit,
         &[
             "deployment.targeted",
@@ -222,22 +91,19 @@ fn push_mode_delivers_a_release_without_a_link() {
             "device.installed",
         ],
     );
-    let events: Vec<&str> = audit.iter().map(|e| e.event.as_str()).collect();
+    let events = events(&audit);
     assert!(
         !events
             .iter()
             .any(|e| e.starts_with("link.") || *e == "download.served"),
         "push mode made or used a link: {events:?}"
     );
-    let sent = audit
-        .iter()
-        .find(|e| e.event == "notification.sent")
-        .unwrap();
+    let sent = find_event(&audit, "notification.sent");
     assert_eq!(sent.details["delivery"], "push", "{}", sent.details);
-    let offered = audit.iter().find(|e| e.event == "push.offered").unwrap();
+    let offered = find_event(&audit, "push.offered");
     assert_eq!(details_u64(offered, "from_offset"), 0);
     assert_eq!(details_u64(offered, "artifact_size"), artifact_size);
-    let completed = audit.iter().find(|e| e.event == "push.completed").unwrap();
+    let completed = find_event(&audit, "push.completed");
     let bytes_sent = details_u64(completed, "bytes_sent");
     // Default window: 4 chunks of 256 KiB.
     assert!(
@@ -257,7 +123,7 @@ fn interrupted_push_resumes_without_resending_acknowledged_bytes() {
     const WINDOW_CHUNKS: u64 = 4;
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let (key, public_key) = signing_key(root);
+    let (key, public_key) = generate_signing_key(root, "signing.key");
     let server = Server::start_with(
         root,
         &[&public_key],
@@ -270,7 +136,7 @@ fn interrupted_push_resumes_without_resending_acknowledged_bytes() {
     );
     let dir = enroll_push_device(&server, root, "dev-resume");
     let mut agent = start_agent(root, "dev-resume", &dir);
-    wait_registered_as_push(&server, "dev-resume");
+    server.wait_modes(&["dev-resume"], Mode::Push);
 
     let content = payload(6 << 20, 23);
     let (deployment, artifact_size) = deploy(&server, root, &key, "1.0.0", &content, "dev-resume");
@@ -298,7 +164,7 @@ fn interrupted_push_resumes_without_resending_acknowledged_bytes() {
         held_at_kill < artifact_size,
         "the transfer completed before the kill ({held_at_kill} of {artifact_size} bytes)"
     );
-    let status: DeploymentStatus = server.otter_json(&["deploy", "status", &deployment]);
+    let status = server.deployment_status(&deployment);
     assert!(
         status.targets[0].phase < Phase::Downloaded,
         "{:?}",
@@ -312,8 +178,9 @@ fn interrupted_push_resumes_without_resending_acknowledged_bytes() {
         "the installed payload differs from the release"
     );
 
-    let audit = audit(&server, "dev-resume", &deployment);
+    let audit = server.audit("dev-resume", &deployment);
     assert_steps_in_order(
+        "dev-resume",
         &audit,
         &[
             "notification.sent",
@@ -327,12 +194,12 @@ fn interrupted_push_resumes_without_resending_acknowledged_bytes() {
     );
     // The restarted agent answers its registration's offer again (its
     // acknowledgement at start may resume the transfer even before that).
-    let offers = audit.iter().filter(|e| e.event == "push.offered").count();
+    let offers = count(&audit, "push.offered");
     assert!(
         offers >= 2,
         "one offer before and one after the restart: {audit:?}"
     );
-    let resumed = audit.iter().find(|e| e.event == "push.resumed").unwrap();
+    let resumed = find_event(&audit, "push.resumed");
     let resumed_from = details_u64(resumed, "offset");
     assert!(
         resumed_from >= quarter && resumed_from <= artifact_size,
@@ -340,7 +207,7 @@ fn interrupted_push_resumes_without_resending_acknowledged_bytes() {
     );
     // Acknowledged bytes were not sent again: over both attempts the server
     // sent the artifact once, plus at most what was in flight at the kill.
-    let completed = audit.iter().find(|e| e.event == "push.completed").unwrap();
+    let completed = find_event(&audit, "push.completed");
     let bytes_sent = details_u64(completed, "bytes_sent");
     let window = CHUNK * WINDOW_CHUNKS;
     eprintln!(

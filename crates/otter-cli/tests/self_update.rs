@@ -15,46 +15,13 @@ mod support;
 
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::Duration;
 
 use otter_proto::api::{DeploymentStatus, DeviceInfo};
 use otter_proto::deployment::Phase;
-use support::{Process, Server, binary, otter_offline, wait_for};
-
-const WAIT: Duration = Duration::from_secs(120);
-
-/// A server with a fresh signing key.
-fn start_server(root: &Path) -> (Server, PathBuf) {
-    let key = root.join("signing.key");
-    let output = otter_offline(&["keys", "generate", "--out", key.to_str().unwrap()]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let server = Server::start(root, &[&root.join("signing.key.pub")]);
-    (server, key)
-}
-
-/// Enrols `id` and appends `extra` to its `agent.toml`.
-fn enroll(server: &Server, root: &Path, id: &str, extra: &str) -> PathBuf {
-    let dir = root.join(id);
-    server.otter_ok(&[
-        "device",
-        "enroll",
-        id,
-        "--hardware",
-        "revB",
-        "--out",
-        dir.to_str().unwrap(),
-    ]);
-    let config = dir.join("agent.toml");
-    let mut text = fs::read_to_string(&config).unwrap();
-    text.push_str(extra);
-    fs::write(&config, text).unwrap();
-    dir
-}
+use support::{
+    Process, Server, WAIT, binary, build_firmware, build_package, edit_agent_config, enroll,
+    start_agent_exe, start_server_with_key, wait_for,
+};
 
 /// Copies the agent binary into `root/bin`, where a self-update may
 /// replace it.
@@ -66,83 +33,46 @@ fn agent_copy(root: &Path) -> PathBuf {
     exe
 }
 
-fn start_agent(exe: &Path, device_dir: &Path, root: &Path, name: &str) -> Process {
-    Process::spawn(
-        name,
-        Command::new(exe)
-            .arg("--config")
-            .arg(device_dir.join("agent.toml")),
-        root,
-    )
+/// A server and one enrolled device whose agent supervisor runs a copy of
+/// the agent binary, registered and ready for a self-update.
+struct Rig {
+    server: Server,
+    key: PathBuf,
+    dir: PathBuf,
+    exe: PathBuf,
+    /// The agent copy's bytes before any update.
+    original: Vec<u8>,
+    agent: Process,
 }
 
-fn build_package(
-    root: &Path,
-    key: &Path,
-    name: &str,
-    version: &str,
-    kind: &str,
-    payload: &Path,
-) -> PathBuf {
-    let out = root.join(format!("{name}-{version}.otter"));
-    let output = otter_offline(&[
-        "package",
-        "build",
-        "--key",
-        key.to_str().unwrap(),
-        "--name",
-        name,
-        "--version",
-        version,
-        "--kind",
-        kind,
-        "--hardware",
-        "revB",
-        "--out",
-        out.to_str().unwrap(),
-        payload.to_str().unwrap(),
-    ]);
-    assert!(
-        output.status.success(),
-        "package build: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    out
+/// Starts a [`Rig`] for device `id` with a self-update trial `deadline`.
+fn start_rig(root: &Path, id: &str, deadline: &str) -> Rig {
+    let (server, key) = start_server_with_key(root, &[]);
+    let dir = enroll(&server, root, id, None);
+    edit_agent_config(&dir, |text| {
+        text + &format!("\n[self_update]\ndeadline = \"{deadline}\"\n")
+    });
+    let exe = agent_copy(root);
+    let original = fs::read(&exe).unwrap();
+    let agent = start_agent_exe(&exe, root, id, &dir);
+    wait_registered(&server, id);
+    Rig {
+        server,
+        key,
+        dir,
+        exe,
+        original,
+        agent,
+    }
 }
 
 /// Uploads the package and deploys it to one device; returns the deployment.
 fn deploy(server: &Server, package: &Path, release: &str, device: &str) -> String {
-    server.otter_ok(&["release", "upload", package.to_str().unwrap()]);
-    server
-        .otter_ok(&[
-            "deploy",
-            "create",
-            "--release",
-            release,
-            "--target",
-            &format!("device:{device}"),
-        ])
-        .trim()
-        .to_owned()
-}
-
-fn wait_complete(server: &Server, deployment: &str) -> DeploymentStatus {
-    wait_for(
-        &format!("deployment {deployment} to complete"),
-        WAIT,
-        || {
-            let status: DeploymentStatus = server.otter_json(&["deploy", "status", deployment]);
-            status.info.complete.then_some(status)
-        },
-    )
+    server.upload_and_deploy(package, release, &format!("device:{device}"))
 }
 
 fn device(server: &Server, id: &str) -> DeviceInfo {
-    let devices: Vec<DeviceInfo> = server.otter_json(&["devices", "list"]);
-    devices
-        .into_iter()
-        .find(|d| d.device_id.as_str() == id)
-        .expect("device listed")
+    server.device(id).expect("device listed")
 }
 
 fn wait_registered(server: &Server, id: &str) {
@@ -157,42 +87,48 @@ fn assert_running(agent: &mut Process) {
 
 /// Deploys a small firmware and checks the running agent installs it.
 fn prove_agent_works(server: &Server, root: &Path, key: &Path, dir: &Path, id: &str) {
-    let payload = root.join("firmware.bin");
     let bytes = b"firmware after the self-update".to_vec();
-    fs::write(&payload, &bytes).unwrap();
-    let package = build_package(root, key, "sensor-fw", "1.0.0", "firmware", &payload);
+    let package = build_firmware(root, key, "1.0.0", &bytes);
     let deployment = deploy(server, &package, "sensor-fw@1.0.0", id);
-    let status = wait_complete(server, &deployment);
+    let status = server.wait_deployment_complete(&deployment);
     assert_eq!(status.targets[0].phase, Phase::Installed, "{status:?}");
     assert_eq!(fs::read(dir.join("installed/sensor-fw")).unwrap(), bytes);
+}
+
+/// Builds `otter-agent` `version` of `executable`, deploys it to `device`
+/// and waits for the deployment to complete.
+fn deploy_agent(
+    server: &Server,
+    root: &Path,
+    key: &Path,
+    version: &str,
+    executable: &[u8],
+    device: &str,
+) -> DeploymentStatus {
+    let package = build_package(root, key, "otter-agent", version, "agent", executable);
+    let deployment = deploy(server, &package, &format!("otter-agent@{version}"), device);
+    server.wait_deployment_complete(&deployment)
 }
 
 #[test]
 fn self_update_swaps_in_the_new_agent_and_restarts_into_it() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let (server, key) = start_server(root);
-    let dir = enroll(
-        &server,
-        root,
-        "dev-u",
-        "\n[self_update]\ndeadline = \"90s\"\n",
-    );
-    let exe = agent_copy(root);
-    let original = fs::read(&exe).unwrap();
-    let mut agent = start_agent(&exe, &dir, root, "dev-u");
-    wait_registered(&server, "dev-u");
+    let Rig {
+        server,
+        key,
+        dir,
+        exe,
+        original,
+        mut agent,
+    } = start_rig(root, "dev-u", "90s");
     let supervisor_pid = agent.pid();
 
     // The real agent with bytes appended: a different file that still runs
     // (the ELF loader ignores trailing data).
     let mut new_agent = original.clone();
     new_agent.extend_from_slice(b"\n-- otter self-update test build --\n");
-    let payload = root.join("new-otter-agent");
-    fs::write(&payload, &new_agent).unwrap();
-    let package = build_package(root, &key, "otter-agent", "2.0.0", "agent", &payload);
-    let deployment = deploy(&server, &package, "otter-agent@2.0.0", "dev-u");
-    let status = wait_complete(&server, &deployment);
+    let status = deploy_agent(&server, root, &key, "2.0.0", &new_agent, "dev-u");
     assert_eq!(status.targets[0].phase, Phase::Installed, "{status:?}");
 
     assert!(
@@ -233,17 +169,14 @@ fn self_update_swaps_in_the_new_agent_and_restarts_into_it() {
 fn broken_new_agents_are_rolled_back_and_reported() {
     let temp = tempfile::tempdir().unwrap();
     let root = temp.path();
-    let (server, key) = start_server(root);
-    let dir = enroll(
-        &server,
-        root,
-        "dev-b",
-        "\n[self_update]\ndeadline = \"4s\"\n",
-    );
-    let exe = agent_copy(root);
-    let original = fs::read(&exe).unwrap();
-    let mut agent = start_agent(&exe, &dir, root, "dev-b");
-    wait_registered(&server, "dev-b");
+    let Rig {
+        server,
+        key,
+        dir,
+        exe,
+        original,
+        mut agent,
+    } = start_rig(root, "dev-b", "4s");
 
     let cases = [
         (
@@ -259,16 +192,7 @@ fn broken_new_agents_are_rolled_back_and_reported() {
         ),
     ];
     for (version, script, reason) in cases {
-        let payload = root.join(format!("broken-{version}"));
-        fs::write(&payload, script).unwrap();
-        let package = build_package(root, &key, "otter-agent", version, "agent", &payload);
-        let deployment = deploy(
-            &server,
-            &package,
-            &format!("otter-agent@{version}"),
-            "dev-b",
-        );
-        let status = wait_complete(&server, &deployment);
+        let status = deploy_agent(&server, root, &key, version, script.as_bytes(), "dev-b");
         let target = &status.targets[0];
         assert_eq!(target.phase, Phase::RolledBack, "{version}: {status:?}");
         let detail = target.detail.clone().unwrap_or_default();

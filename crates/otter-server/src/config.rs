@@ -35,6 +35,8 @@ pub struct ServerConfig {
     pub max_upload_bytes: u64,
     /// Chunk size, window and resend timeout of push mode.
     pub push: crate::push::PushSettings,
+    /// Connection limits and timeouts of the device HTTPS endpoint.
+    pub device_limits: crate::device_http::DeviceEndpointLimits,
 }
 
 impl ServerConfig {
@@ -52,6 +54,7 @@ impl ServerConfig {
             link_ttl: DEFAULT_LINK_TTL,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             push: crate::push::PushSettings::default(),
+            device_limits: crate::device_http::DeviceEndpointLimits::default(),
         }
     }
 

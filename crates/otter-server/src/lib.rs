@@ -52,7 +52,7 @@ pub use config::ServerConfig;
 use crate::api::{ApiState, PublicUrls};
 use crate::blobs::BlobStore;
 use crate::broker::{BrokerConfig, MessageBus};
-use crate::device_http::{DeviceEndpointLimits, DeviceEndpointState};
+use crate::device_http::DeviceEndpointState;
 use crate::engine::Engine;
 use crate::links::LinkSecret;
 use crate::notify::Notifier;
@@ -203,7 +203,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         device_listener,
         device_tls,
         device_router,
-        DeviceEndpointLimits::default(),
+        config.device_limits.clone(),
         stop.clone(),
     ));
 

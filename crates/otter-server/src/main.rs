@@ -11,6 +11,7 @@ use clap::Parser;
 use otter_proto::push::MAX_CHUNK_BYTES;
 use otter_server::ServerConfig;
 use otter_server::config::DEFAULT_MAX_UPLOAD_BYTES;
+use otter_server::device_http::DeviceEndpointLimits;
 use otter_server::push::{self, PushSettings};
 
 /// The Otter update server.
@@ -50,6 +51,18 @@ struct Flags {
     #[arg(long, env = "OTTER_PUSH_WINDOW", default_value_t = push::DEFAULT_WINDOW_CHUNKS,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     push_window: u32,
+    /// Device endpoint: how long a connection may stay idle between two
+    /// requests (keep it above the pull devices' poll interval).
+    #[arg(long, env = "OTTER_DEVICE_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_idle_timeout)]
+    device_idle_timeout: Duration,
+}
+
+fn parse_idle_timeout(text: &str) -> Result<Duration, String> {
+    let timeout = humantime::parse_duration(text).map_err(|e| e.to_string())?;
+    if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&timeout) {
+        return Err("the idle timeout must be between 1s and 1h".to_owned());
+    }
+    Ok(timeout)
 }
 
 fn parse_ttl(text: &str) -> Result<Duration, String> {
@@ -105,6 +118,10 @@ fn main() -> ExitCode {
             chunk_size: flags.push_chunk_size,
             window_chunks: flags.push_window,
             ..PushSettings::default()
+        },
+        device_limits: DeviceEndpointLimits {
+            header_read_timeout: flags.device_idle_timeout,
+            ..DeviceEndpointLimits::default()
         },
         ..ServerConfig::new(flags.data_dir)
     };

@@ -5,204 +5,16 @@
 //!
 //! Waiting is always "until this holds, at most `TIMEOUT`", never a sleep.
 
-use std::future::Future;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::time::Duration;
+mod common;
 
-use ed25519_dalek::SigningKey;
-use otter_package::format::{BuildOptions, build_package};
-use otter_proto::api::{
-    AuditEntry, Channel, DeploymentInfo, DeploymentStatus, DeviceInfo, EnrollResponse, ErrorBody,
-    ReleaseInfo,
-};
+use otter_proto::api::{AuditEntry, Channel, DeviceInfo, EnrollResponse};
 use otter_proto::deployment::Phase;
-use otter_proto::manifest::PackageKind;
 use otter_proto::messages::{
     DeviceEvent, Mode, PollResponse, Registration, StatusReport, UpdateNotification, encode,
 };
-use otter_server::{Endpoints, ServerConfig};
 use reqwest::StatusCode;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-const TIMEOUT: Duration = Duration::from_secs(30);
-const HARDWARE: &str = "revB";
-
-/// Polls `check` until it returns `Some`, at most `TIMEOUT`.
-async fn eventually<T, F: Future<Output = Option<T>>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-struct Server {
-    dir: tempfile::TempDir,
-    endpoints: Endpoints,
-    token: String,
-    http: reqwest::Client,
-    _stop: oneshot::Sender<()>,
-    _task: JoinHandle<anyhow::Result<()>>,
-}
-
-fn signer_path(dir: &Path) -> PathBuf {
-    dir.join("keys").join("signer.key")
-}
-
-impl Server {
-    async fn start() -> Server {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let dir = tempfile::tempdir().unwrap();
-        let key_path = signer_path(dir.path());
-        std::fs::create_dir_all(key_path.parent().unwrap()).unwrap();
-        otter_package::keys::generate_key_pair(&key_path).unwrap();
-        let data_dir = dir.path().join("data");
-        let mut config = ServerConfig::ephemeral(&data_dir);
-        config.trusted_signers = vec![otter_package::keys::public_key_path(&key_path)];
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(otter_server::run(config, async move {
-            let _ = stopped.await;
-        }));
-        let endpoints_path = data_dir.join("endpoints.json");
-        let endpoints: Endpoints = eventually("endpoints.json", || {
-            let path = endpoints_path.clone();
-            async move { serde_json::from_slice(&std::fs::read(path).ok()?).ok() }
-        })
-        .await;
-        let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap();
-        Server {
-            dir,
-            endpoints,
-            token,
-            http: reqwest::Client::new(),
-            _stop: stop,
-            _task: task,
-        }
-    }
-
-    fn signer(&self) -> SigningKey {
-        otter_package::keys::read_signing_key(&signer_path(self.dir.path())).unwrap()
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.endpoints.api)
-    }
-
-    async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> T {
-        let response = self
-            .http
-            .get(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::OK, "GET {path}");
-        response.json().await.unwrap()
-    }
-
-    async fn post_json(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn enroll(&self, device_id: &str) -> EnrollResponse {
-        let response = self
-            .post_json(
-                "/api/v1/devices",
-                serde_json::json!({ "device_id": device_id, "hardware": HARDWARE, "tags": [] }),
-            )
-            .await;
-        assert_eq!(response.status(), StatusCode::CREATED);
-        response.json().await.unwrap()
-    }
-
-    /// Uploads a signed package of `payload`; returns the release and the
-    /// artifact bytes (the tail of the package).
-    async fn upload(&self, name: &str, version: &str, payload: &[u8]) -> (ReleaseInfo, Vec<u8>) {
-        let options = BuildOptions::new(
-            name,
-            semver::Version::parse(version).unwrap(),
-            PackageKind::Firmware,
-            vec![HARDWARE.to_owned()],
-        );
-        let mut package = Vec::new();
-        build_package(
-            &mut &payload[..],
-            &mut package,
-            &self.signer(),
-            &options,
-            self.dir.path(),
-        )
-        .unwrap();
-        let response = self
-            .http
-            .post(self.url("/api/v1/releases"))
-            .bearer_auth(&self.token)
-            .header("content-type", "application/octet-stream")
-            .body(package.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(response.status(), StatusCode::CREATED);
-        let release: ReleaseInfo = response.json().await.unwrap();
-        let artifact = package[package.len() - release.artifact_size as usize..].to_vec();
-        (release, artifact)
-    }
-
-    async fn deploy(&self, release: &str, target: &str) -> String {
-        let response = self
-            .post_json(
-                "/api/v1/deployments",
-                serde_json::json!({ "release": release, "target": target }),
-            )
-            .await;
-        assert_eq!(response.status(), StatusCode::CREATED);
-        let info: DeploymentInfo = response.json().await.unwrap();
-        info.deployment_id
-    }
-
-    async fn phase(&self, deployment_id: &str, device_id: &str) -> Phase {
-        let status: DeploymentStatus = self
-            .get(&format!("/api/v1/deployments/{deployment_id}"))
-            .await;
-        status
-            .targets
-            .iter()
-            .find(|t| t.device_id.as_str() == device_id)
-            .unwrap()
-            .phase
-    }
-
-    async fn audit(&self, device_id: &str) -> Vec<AuditEntry> {
-        self.get(&format!("/api/v1/audit?device={device_id}")).await
-    }
-
-    async fn count(&self, device_id: &str, event: &str) -> usize {
-        self.audit(device_id)
-            .await
-            .iter()
-            .filter(|e| e.event == event)
-            .count()
-    }
-}
+use common::{HARDWARE, Server, device_https_client, error_code, payload};
 
 /// A device: its HTTPS client with its certificate, and what it reports.
 struct PollingDevice {
@@ -213,26 +25,8 @@ struct PollingDevice {
 
 impl PollingDevice {
     fn new(server: &Server, enrolled: &EnrollResponse) -> PollingDevice {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(enrolled.ca_pem.as_bytes()).unwrap())
-            .unwrap();
-        let tls = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::aws_lc_rs::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![CertificateDer::from_pem_slice(enrolled.certificate_pem.as_bytes()).unwrap()],
-            PrivateKeyDer::from_pem_slice(enrolled.private_key_pem.as_bytes()).unwrap(),
-        )
-        .unwrap();
         PollingDevice {
-            http: reqwest::Client::builder()
-                .tls_backend_preconfigured(tls)
-                .build()
-                .unwrap(),
+            http: device_https_client(enrolled),
             base: format!("https://127.0.0.1:{}", server.endpoints.device.port()),
             registration: Registration {
                 protocol: otter_proto::PROTOCOL_VERSION,
@@ -299,20 +93,10 @@ impl PollingDevice {
     }
 }
 
-async fn error_code(response: reqwest::Response) -> String {
-    response.json::<ErrorBody>().await.unwrap().error
-}
-
-fn payload() -> Vec<u8> {
-    (0..100_000u32)
-        .flat_map(|i| (i % 251).to_le_bytes())
-        .collect()
-}
-
 #[tokio::test]
 async fn poll_registers_answers_with_etags_and_delivers() {
     let server = Server::start().await;
-    let enrolled = server.enroll("dev-p").await;
+    let enrolled = server.enroll("dev-p", &[]).await;
     let mut device = PollingDevice::new(&server, &enrolled);
 
     // First contact by polling registers the device, as via poll.
@@ -320,12 +104,12 @@ async fn poll_registers_answers_with_etags_and_delivers() {
     assert_eq!(status, StatusCode::OK);
     assert_eq!(answer, Some(PollResponse { update: None }));
     assert_eq!(etag_none, "\"none\"");
-    let info: DeviceInfo = server.get("/api/v1/devices/dev-p").await;
+    let info: DeviceInfo = server.get_json("/api/v1/devices/dev-p").await;
     assert_eq!(info.registered_via, Some(Channel::Poll));
     assert_eq!(info.mode, Some(Mode::Pull));
     assert!(info.last_seen.is_some());
     let registered: Vec<AuditEntry> = server
-        .audit("dev-p")
+        .audit("device=dev-p")
         .await
         .into_iter()
         .filter(|e| e.event == "device.registered")
@@ -347,12 +131,17 @@ async fn poll_registers_answers_with_etags_and_delivers() {
     let (status, _, _) = device.poll(Some(&etag_none)).await;
     assert_eq!(status, StatusCode::NOT_MODIFIED);
     assert_eq!(server.count("dev-p", "device.registered").await, 2);
-    let info: DeviceInfo = server.get("/api/v1/devices/dev-p").await;
+    let info: DeviceInfo = server.get_json("/api/v1/devices/dev-p").await;
     assert_eq!(info.installed["other"], semver::Version::new(2, 0, 0));
 
     // A deployment: the poll answers with the update and its link.
-    let (release, artifact) = server.upload("fw", "1.0.0", &payload()).await;
-    let deployment = server.deploy("fw@1.0.0", "device:dev-p").await;
+    let (release, artifact) = server
+        .upload_release("fw", "1.0.0", &payload(100_000))
+        .await;
+    let deployment = server
+        .deploy("fw@1.0.0", "device:dev-p")
+        .await
+        .deployment_id;
     let (status, etag_update, answer) = device.poll(Some(&etag_none)).await;
     assert_eq!(status, StatusCode::OK);
     assert_ne!(etag_update, etag_none);
@@ -362,7 +151,7 @@ async fn poll_registers_answers_with_etags_and_delivers() {
     assert_eq!(update.manifest, release.manifest);
     assert_eq!(server.phase(&deployment, "dev-p").await, Phase::Notified);
     let sent: Vec<AuditEntry> = server
-        .audit("dev-p")
+        .audit("device=dev-p")
         .await
         .into_iter()
         .filter(|e| e.event == "notification.sent")
@@ -434,10 +223,15 @@ async fn poll_registers_answers_with_etags_and_delivers() {
 #[tokio::test]
 async fn device_endpoint_refuses_what_is_not_the_devices() {
     let server = Server::start().await;
-    let device_p = PollingDevice::new(&server, &server.enroll("dev-p").await);
-    let _device_q = server.enroll("dev-q").await;
-    server.upload("fw", "1.0.0", &payload()).await;
-    let deployment_q = server.deploy("fw@1.0.0", "device:dev-q").await;
+    let device_p = PollingDevice::new(&server, &server.enroll("dev-p", &[]).await);
+    let _device_q = server.enroll("dev-q", &[]).await;
+    server
+        .upload_release("fw", "1.0.0", &payload(100_000))
+        .await;
+    let deployment_q = server
+        .deploy("fw@1.0.0", "device:dev-q")
+        .await
+        .deployment_id;
 
     // Another device's deployment, or none at all: 404, nothing changes.
     for deployment_id in [deployment_q.as_str(), "no-such-deployment"] {
@@ -466,7 +260,7 @@ async fn device_endpoint_refuses_what_is_not_the_devices() {
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(error_code(response).await, "message-too-large");
     let rejected: Vec<AuditEntry> = server
-        .audit("dev-p")
+        .audit("device=dev-p")
         .await
         .into_iter()
         .filter(|e| e.event == "message.rejected")
@@ -475,9 +269,9 @@ async fn device_endpoint_refuses_what_is_not_the_devices() {
     assert!(rejected.iter().all(|e| e.actor == "dev-p"));
 
     // The device registered by its one good poll only.
-    let info: DeviceInfo = server.get("/api/v1/devices/dev-p").await;
+    let info: DeviceInfo = server.get_json("/api/v1/devices/dev-p").await;
     assert_eq!(info.registered_via, Some(Channel::Poll));
     assert_eq!(server.count("dev-p", "device.registered").await, 1);
-    let info_q: DeviceInfo = server.get("/api/v1/devices/dev-q").await;
+    let info_q: DeviceInfo = server.get_json("/api/v1/devices/dev-q").await;
     assert_eq!(info_q.registered_via, None);
 }

@@ -6,248 +6,52 @@
 //!
 //! Waiting is always "until this holds, at most `TIMEOUT`", never a sleep.
 
+mod common;
+
 use std::collections::VecDeque;
-use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use ed25519_dalek::SigningKey;
-use otter_package::format::{BuildOptions, build_package};
 use otter_proto::api::{
-    AuditEntry, DeploymentInfo, DeploymentStatus, DeviceInfo, EnrollResponse, ErrorBody,
-    ReleaseInfo,
+    DeploymentInfo, DeploymentStatus, DeviceInfo, EnrollResponse, ErrorBody, ReleaseInfo,
 };
 use otter_proto::deployment::Phase;
-use otter_proto::manifest::{Manifest, PackageKind};
+use otter_proto::manifest::Manifest;
 use otter_proto::messages::{
     DeviceEvent, Mode, Registration, ServerMessage, StatusReport, UpdateNotification, encode,
 };
 use otter_proto::topics::{DeviceId, DeviceTopic, device_topic};
-use otter_server::{Endpoints, ServerConfig};
 use reqwest::StatusCode;
 use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration, Transport,
 };
+use rustls::pki_types::CertificateDer;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use sha2::{Digest, Sha256};
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 
-const TIMEOUT: Duration = Duration::from_secs(30);
-const HARDWARE: &str = "revB";
+use common::{
+    HARDWARE, Server, TIMEOUT, client_tls, device_https_client, error_code, eventually, package,
+    payload, signer,
+};
+
 const MAX_UPLOAD: u64 = 1 << 20;
 
-/// Polls `check` until it returns `Some`, at most `TIMEOUT`.
-async fn eventually<T, F: Future<Output = Option<T>>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) -> T {
-    let deadline = tokio::time::Instant::now() + TIMEOUT;
-    loop {
-        if let Some(value) = check().await {
-            return value;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
-        tokio::task::yield_now().await;
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-struct Server {
-    dir: tempfile::TempDir,
-    endpoints: Endpoints,
-    token: String,
-    http: reqwest::Client,
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<anyhow::Result<()>>,
-}
-
-fn signer_path(dir: &Path) -> PathBuf {
-    dir.join("keys").join("signer.key")
-}
-
-fn signer(dir: &Path) -> SigningKey {
-    otter_package::keys::read_signing_key(&signer_path(dir)).unwrap()
-}
-
-impl Server {
-    async fn start() -> Server {
-        Server::start_with(tempfile::tempdir().unwrap(), Duration::from_secs(3600)).await
-    }
-
-    async fn start_with(dir: tempfile::TempDir, link_ttl: Duration) -> Server {
-        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-        let key_path = signer_path(dir.path());
-        if !key_path.exists() {
-            std::fs::create_dir_all(key_path.parent().unwrap()).unwrap();
-            otter_package::keys::generate_key_pair(&key_path).unwrap();
-        }
-        let data_dir = dir.path().join("data");
-        let _ = std::fs::remove_file(data_dir.join("endpoints.json"));
-        let mut config = ServerConfig::ephemeral(&data_dir);
-        config.trusted_signers = vec![otter_package::keys::public_key_path(&key_path)];
+/// A server whose links live `link_ttl` and whose uploads are capped at
+/// `MAX_UPLOAD`, in `dir` (fresh, or kept from an earlier run).
+async fn start_server_in(dir: tempfile::TempDir, link_ttl: Duration) -> Server {
+    Server::start_configured(dir, |config| {
         config.link_ttl = link_ttl;
         config.max_upload_bytes = MAX_UPLOAD;
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(otter_server::run(config, async move {
-            let _ = stopped.await;
-        }));
-        let endpoints_path = data_dir.join("endpoints.json");
-        let endpoints: Endpoints = eventually("endpoints.json", || {
-            let path = endpoints_path.clone();
-            async move {
-                let bytes = std::fs::read(path).ok()?;
-                serde_json::from_slice(&bytes).ok()
-            }
-        })
-        .await;
-        let token = std::fs::read_to_string(data_dir.join("admin.token")).unwrap();
-        Server {
-            dir,
-            endpoints,
-            token,
-            http: reqwest::Client::new(),
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
-    }
-
-    async fn stop(mut self) -> tempfile::TempDir {
-        let _ = self.stop.take().unwrap().send(());
-        tokio::time::timeout(TIMEOUT, &mut self.task)
-            .await
-            .expect("server did not stop")
-            .unwrap()
-            .unwrap();
-        self.dir
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.endpoints.api)
-    }
-
-    async fn get(&self, path: &str) -> reqwest::Response {
-        self.http
-            .get(self.url(path))
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn post_json(&self, path: &str, body: serde_json::Value) -> reqwest::Response {
-        self.http
-            .post(self.url(path))
-            .bearer_auth(&self.token)
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn upload(&self, package: Vec<u8>) -> reqwest::Response {
-        self.http
-            .post(self.url("/api/v1/releases"))
-            .bearer_auth(&self.token)
-            .header("content-type", "application/octet-stream")
-            .body(package)
-            .send()
-            .await
-            .unwrap()
-    }
-
-    async fn enroll(&self, device_id: &str, tags: &[&str]) -> EnrollResponse {
-        let response = self
-            .post_json(
-                "/api/v1/devices",
-                serde_json::json!({ "device_id": device_id, "hardware": HARDWARE, "tags": tags }),
-            )
-            .await;
-        assert_eq!(response.status(), StatusCode::CREATED);
-        response.json().await.unwrap()
-    }
-
-    async fn deploy(&self, release: &str, target: &str) -> DeploymentInfo {
-        let response = self
-            .post_json(
-                "/api/v1/deployments",
-                serde_json::json!({ "release": release, "target": target }),
-            )
-            .await;
-        assert_eq!(response.status(), StatusCode::CREATED);
-        response.json().await.unwrap()
-    }
-
-    async fn audit(&self, query: &str) -> Vec<AuditEntry> {
-        let response = self.get(&format!("/api/v1/audit?{query}")).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        response.json().await.unwrap()
-    }
-
-    async fn phase(&self, deployment_id: &str, device_id: &str) -> Phase {
-        let status: DeploymentStatus = self
-            .get(&format!("/api/v1/deployments/{deployment_id}"))
-            .await
-            .json()
-            .await
-            .unwrap();
-        status
-            .targets
-            .iter()
-            .find(|t| t.device_id.as_str() == device_id)
-            .unwrap()
-            .phase
-    }
-
-    async fn wait_phase(&self, deployment_id: &str, device_id: &str, phase: Phase) {
-        eventually(&format!("{device_id} to reach {phase:?}"), || async {
-            (self.phase(deployment_id, device_id).await == phase).then_some(())
-        })
-        .await
-    }
-
-    async fn wait_audit_event(&self, query: &str, event: &str) -> AuditEntry {
-        eventually(&format!("audit event {event}"), || async {
-            self.audit(query)
-                .await
-                .into_iter()
-                .find(|e| e.event == event)
-        })
-        .await
-    }
+    })
+    .await
 }
 
-/// Builds a signed package of `payload`; returns its bytes.
-fn package(key: &SigningKey, scratch: &Path, name: &str, version: &str, payload: &[u8]) -> Vec<u8> {
-    let options = BuildOptions::new(
-        name,
-        semver::Version::parse(version).unwrap(),
-        PackageKind::Firmware,
-        vec![HARDWARE.to_owned()],
-    );
-    let mut output = Vec::new();
-    build_package(&mut &payload[..], &mut output, key, &options, scratch).unwrap();
-    output
-}
-
-fn payload() -> Vec<u8> {
-    (0..200_000u32)
-        .flat_map(|i| (i % 251).to_le_bytes())
-        .collect()
-}
-
-async fn error_code(response: reqwest::Response) -> String {
-    response.json::<ErrorBody>().await.unwrap().error
+/// A server in a fresh folder with links that live an hour.
+async fn start_server() -> Server {
+    start_server_in(tempfile::tempdir().unwrap(), Duration::from_secs(3600)).await
 }
 
 fn files_in(dir: &Path) -> usize {
@@ -260,7 +64,7 @@ fn files_in(dir: &Path) -> usize {
 
 #[tokio::test]
 async fn admin_token_is_private_and_authenticates() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let token_path = server.data_dir().join("admin.token");
     let mode = std::fs::metadata(&token_path).unwrap().permissions().mode();
     assert_eq!(mode & 0o777, 0o600);
@@ -301,7 +105,7 @@ async fn admin_token_is_private_and_authenticates() {
     let token = server.token.clone();
     let dir = server.stop().await;
     assert!(!dir.path().join("data/endpoints.json").exists());
-    let server = Server::start_with(dir, Duration::from_secs(3600)).await;
+    let server = start_server_in(dir, Duration::from_secs(3600)).await;
     assert_eq!(server.token, token);
     assert_eq!(server.get("/api/v1/devices").await.status(), StatusCode::OK);
     server.stop().await;
@@ -309,7 +113,7 @@ async fn admin_token_is_private_and_authenticates() {
 
 #[tokio::test]
 async fn enrolment_and_device_listing() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let enrolled = server.enroll("dev-1", &["line-1", "north"]).await;
     assert_eq!(enrolled.device_id.as_str(), "dev-1");
     assert!(enrolled.certificate_pem.contains("BEGIN CERTIFICATE"));
@@ -394,10 +198,10 @@ async fn enrolment_and_device_listing() {
 
 #[tokio::test]
 async fn release_upload_verifies_before_storing() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let scratch = server.dir.path().to_path_buf();
     let key = signer(server.dir.path());
-    let good = package(&key, &scratch, "fw", "1.0.0", &payload());
+    let good = package(&key, &scratch, "fw", "1.0.0", &payload(200_000));
 
     let blobs = server.data_dir().join("blobs");
     let tmp = server.data_dir().join("tmp");
@@ -408,7 +212,7 @@ async fn release_upload_verifies_before_storing() {
         "2.0.0",
         b"x",
     );
-    let mut tampered = package(&key, &scratch, "fw", "3.0.0", &payload());
+    let mut tampered = package(&key, &scratch, "fw", "3.0.0", &payload(200_000));
     let last = tampered.len() - 1;
     tampered[last] ^= 1;
     let truncated = good[..good.len() - 10].to_vec();
@@ -441,7 +245,7 @@ async fn release_upload_verifies_before_storing() {
     let release: ReleaseInfo = response.json().await.unwrap();
     assert_eq!(release.id, "fw@1.0.0");
     assert_eq!(release.uploaded_by, "admin");
-    assert_eq!(release.payload_size, payload().len() as u64);
+    assert_eq!(release.payload_size, payload(200_000).len() as u64);
     let manifest = Manifest::from_json(&release.manifest.manifest).unwrap();
     // Only the artifact is stored, under its digest.
     let blob = std::fs::read(blobs.join(&manifest.artifact.sha256)).unwrap();
@@ -476,7 +280,7 @@ async fn release_upload_verifies_before_storing() {
 
 #[tokio::test]
 async fn deployment_input_errors() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let key = signer(server.dir.path());
     let scratch = server.dir.path().to_path_buf();
     server.enroll("dev-1", &["line-1"]).await;
@@ -554,31 +358,6 @@ async fn deployment_input_errors() {
 }
 
 // --- devices: MQTT and the download endpoint ---------------------------------
-
-fn client_tls(enrolled: &EnrollResponse) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    roots
-        .add(CertificateDer::from_pem_slice(enrolled.ca_pem.as_bytes()).unwrap())
-        .unwrap();
-    rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(
-        vec![CertificateDer::from_pem_slice(enrolled.certificate_pem.as_bytes()).unwrap()],
-        PrivateKeyDer::from_pem_slice(enrolled.private_key_pem.as_bytes()).unwrap(),
-    )
-    .unwrap()
-}
-
-fn download_client(enrolled: &EnrollResponse) -> reqwest::Client {
-    reqwest::Client::builder()
-        .tls_backend_preconfigured(client_tls(enrolled))
-        .build()
-        .unwrap()
-}
 
 struct MqttDevice {
     device_id: DeviceId,
@@ -718,12 +497,7 @@ impl MqttDevice {
 /// Waits until the server has processed `count` registrations of `device`.
 async fn wait_registrations(server: &Server, device: &str, count: usize) {
     eventually("the registration to be processed", || async {
-        let registrations = server
-            .audit(&format!("device={device}"))
-            .await
-            .into_iter()
-            .filter(|e| e.event == "device.registered")
-            .count();
+        let registrations = server.count(device, "device.registered").await;
         (registrations >= count).then_some(())
     })
     .await
@@ -731,12 +505,12 @@ async fn wait_registrations(server: &Server, device: &str, count: usize) {
 
 #[tokio::test]
 async fn push_pull_over_mqtt_and_mtls() {
-    let server = Server::start().await;
+    let server = start_server().await;
     let key = signer(server.dir.path());
     let scratch = server.dir.path().to_path_buf();
     let device_a = server.enroll("dev-a", &["line-1"]).await;
     let device_b = server.enroll("dev-b", &["line-1"]).await;
-    let package_1 = package(&key, &scratch, "fw", "1.0.0", &payload());
+    let package_1 = package(&key, &scratch, "fw", "1.0.0", &payload(200_000));
     let release_1: ReleaseInfo = server.upload(package_1.clone()).await.json().await.unwrap();
     let artifact_1 = package_1[package_1.len() - release_1.artifact_size as usize..].to_vec();
 
@@ -775,8 +549,8 @@ async fn push_pull_over_mqtt_and_mtls() {
     assert!(registered.registered_at.is_some());
 
     // Step 6: the download endpoint.
-    let http_a = download_client(&device_a);
-    let http_b = download_client(&device_b);
+    let http_a = device_https_client(&device_a);
+    let http_b = device_https_client(&device_b);
     let full = http_a.get(&update.link).send().await.unwrap();
     assert_eq!(full.status(), StatusCode::OK);
     assert_eq!(full.headers()["accept-ranges"], "bytes");
@@ -1009,7 +783,7 @@ async fn push_pull_over_mqtt_and_mtls() {
 
 #[tokio::test]
 async fn links_expire() {
-    let server = Server::start_with(tempfile::tempdir().unwrap(), Duration::from_secs(1)).await;
+    let server = start_server_in(tempfile::tempdir().unwrap(), Duration::from_secs(1)).await;
     let key = signer(server.dir.path());
     let scratch = server.dir.path().to_path_buf();
     let device = server.enroll("dev-x", &[]).await;
@@ -1025,7 +799,7 @@ async fn links_expire() {
     wait_registrations(&server, "dev-x", 1).await;
     server.deploy("fw@1.0.0", "device:dev-x").await;
     let update = mqtt.next_update().await;
-    let http = download_client(&device);
+    let http = device_https_client(&device);
     let status = eventually("the link to expire", || async {
         let response = http.get(&update.link).send().await.unwrap();
         (response.status() != StatusCode::OK).then_some(response)
