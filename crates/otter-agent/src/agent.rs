@@ -360,6 +360,7 @@ impl Agent {
                         Some(MqttEvent::Connected) => self.on_connected(uplink).await,
                         Some(MqttEvent::Message(message)) => self.on_message(message, uplink).await,
                         Some(MqttEvent::Chunk(payload)) => self.on_chunk(payload, uplink).await,
+                        Some(MqttEvent::ServerAnswered) => self.confirm_self_update(uplink).await,
                         None => break Err(anyhow::anyhow!("the MQTT session ended")),
                     };
                     if let Err(error) = step {
@@ -385,6 +386,12 @@ impl Agent {
         log_queue_error(uplink.register(&self.registration()));
         if let Some(job) = &self.job {
             log_queue_error(uplink.report(&job.last_report()));
+        }
+        // Over MQTT, `Connected` is a CONNACK: the server is reachable. In
+        // pull mode it only asks for a registration; the confirmation waits
+        // for `ServerAnswered`, the first answered poll.
+        if self.mode == Mode::Pull {
+            return Ok(());
         }
         self.confirm_self_update(uplink).await
     }

@@ -73,6 +73,11 @@ pub enum MqttEvent {
     /// A payload on the device's `chunk` topic: a binary push chunk, still
     /// to be decoded (`otter_proto::push::PushChunk::decode`).
     Chunk(Bytes),
+    /// Pull mode: a poll was answered, so the server has heard the
+    /// registration. `Connected` comes before the first poll (it makes the
+    /// agent register), so this is the event that proves the server is
+    /// reachable, e.g. for a new agent on trial after a self-update.
+    ServerAnswered,
 }
 
 /// Why a message could not be queued.

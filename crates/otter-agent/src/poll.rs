@@ -335,6 +335,7 @@ pub fn start_pull(
             events,
             etag: None,
             first_poll: FirstPoll::WhenRegistered,
+            answered: false,
         }
         .run(Some(report_queue)),
     );
@@ -365,6 +366,7 @@ pub fn start_reconcile<U: Uplink>(
         events: events.clone(),
         etag: None,
         first_poll: FirstPoll::AfterInterval,
+        answered: false,
     };
     let task = tokio::spawn(async move {
         let forward = async move {
@@ -400,6 +402,8 @@ struct PollTask {
     /// The `ETag` of the last answer.
     etag: Option<String>,
     first_poll: FirstPoll,
+    /// Whether [`MqttEvent::ServerAnswered`] was sent (pull mode, once).
+    answered: bool,
 }
 
 impl PollTask {
@@ -439,6 +443,12 @@ impl PollTask {
                         Ok(()) => {
                             backoff.reset();
                             next_poll = Instant::now() + jittered(self.interval);
+                            if pull && !self.answered {
+                                self.answered = true;
+                                if self.events.send(MqttEvent::ServerAnswered).await.is_err() {
+                                    return;
+                                }
+                            }
                             if pull && self.shared.resync.swap(false, Ordering::SeqCst)
                                 && self.events.send(MqttEvent::Connected).await.is_err()
                             {

@@ -78,6 +78,9 @@ async fn pull_uplink_polls_forwards_updates_and_repeats_lost_reports() {
         next_event(&mut events).await,
         MqttEvent::Message(ServerMessage::Update(update))
     );
+    // The first answered poll proves the server is reachable (a new agent on
+    // trial confirms on it); it is said once, not after every poll.
+    assert_eq!(next_event(&mut events).await, MqttEvent::ServerAnswered);
 
     uplink
         .report(&StatusReport {

@@ -20,7 +20,7 @@ use otter_proto::api::{DeploymentStatus, DeviceInfo};
 use otter_proto::deployment::Phase;
 use support::{
     Process, Server, WAIT, binary, build_firmware, build_package, edit_agent_config, enroll,
-    start_agent_exe, start_server_with_key, wait_for,
+    start_agent_exe, start_server_with_key, wait_for, with_fast_poll, with_mode,
 };
 
 /// Copies the agent binary into `root/bin`, where a self-update may
@@ -45,12 +45,14 @@ struct Rig {
     agent: Process,
 }
 
-/// Starts a [`Rig`] for device `id` with a self-update trial `deadline`.
-fn start_rig(root: &Path, id: &str, deadline: &str) -> Rig {
+/// Starts a [`Rig`] for device `id` in `mode` with a self-update trial
+/// `deadline`.
+fn start_rig(root: &Path, id: &str, mode: &str, deadline: &str) -> Rig {
     let (server, key) = start_server_with_key(root, &[]);
     let dir = enroll(&server, root, id, None);
     edit_agent_config(&dir, |text| {
-        text + &format!("\n[self_update]\ndeadline = \"{deadline}\"\n")
+        with_fast_poll(&with_mode(&text, mode))
+            + &format!("\n[self_update]\ndeadline = \"{deadline}\"\n")
     });
     let exe = agent_copy(root);
     let original = fs::read(&exe).unwrap();
@@ -121,7 +123,7 @@ fn self_update_swaps_in_the_new_agent_and_restarts_into_it() {
         exe,
         original,
         mut agent,
-    } = start_rig(root, "dev-u", "90s");
+    } = start_rig(root, "dev-u", "push-pull", "90s");
     let supervisor_pid = agent.pid();
 
     // The real agent with bytes appended: a different file that still runs
@@ -176,7 +178,7 @@ fn broken_new_agents_are_rolled_back_and_reported() {
         exe,
         original,
         mut agent,
-    } = start_rig(root, "dev-b", "4s");
+    } = start_rig(root, "dev-b", "push-pull", "4s");
 
     let cases = [
         (
@@ -218,4 +220,32 @@ fn broken_new_agents_are_rolled_back_and_reported() {
     // The restored agent re-registered and keeps working.
     prove_agent_works(&server, root, &key, &dir, "dev-b");
     assert_running(&mut agent);
+}
+
+/// In pull mode there is no CONNACK: the new agent confirms only once the
+/// server has answered one of its polls, then reports `installed`.
+#[test]
+fn pull_mode_self_update_confirms_after_an_answered_poll() {
+    let temp = tempfile::tempdir().unwrap();
+    let root = temp.path();
+    let Rig {
+        server,
+        key,
+        dir,
+        exe,
+        original,
+        mut agent,
+    } = start_rig(root, "dev-p", "pull", "90s");
+    let mut new_agent = original.clone();
+    new_agent.extend_from_slice(b"\n-- otter self-update test build (pull) --\n");
+    let status = deploy_agent(&server, root, &key, "2.0.0", &new_agent, "dev-p");
+    assert_eq!(status.targets[0].phase, Phase::Installed, "{status:?}");
+    assert!(
+        fs::read(&exe).unwrap() == new_agent,
+        "the executable is not the new agent"
+    );
+    let log = agent.log_text();
+    assert!(log.contains("self-update confirmed"), "{log}");
+    assert_running(&mut agent);
+    prove_agent_works(&server, root, &key, &dir, "dev-p");
 }
