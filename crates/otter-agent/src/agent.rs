@@ -95,7 +95,21 @@ pub async fn run(
 ) -> anyhow::Result<RunOutcome> {
     let tls = DeviceTls::load(&config.ca, &config.certificate, &config.private_key)
         .context("loading the device TLS identity")?;
-    let agent = Agent::new(&config, &tls)?;
+    let handlers = Handlers::from_config(&config);
+    run_with_handlers(config, tls, handlers, shutdown).await
+}
+
+/// Like [`run`], with a TLS identity already loaded and the given installer
+/// and safe-state probe instead of the configured ones. The fleet simulator
+/// (`otter-sim`) runs many agents in one process this way: everything else
+/// (sessions, polls, downloads, checks, state) is the agent's own.
+pub async fn run_with_handlers(
+    config: AgentConfig,
+    tls: DeviceTls,
+    handlers: Handlers,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<RunOutcome> {
+    let agent = Agent::with_handlers(&config, &tls, handlers)?;
     if config.mode == Mode::Pull {
         return run_pull(agent, &config, &tls, shutdown).await;
     }
@@ -174,6 +188,16 @@ pub struct Handlers {
     pub safe_state: Arc<dyn SafeStateProbe>,
 }
 
+impl Handlers {
+    /// The installer and probe `config` names.
+    pub fn from_config(config: &AgentConfig) -> Handlers {
+        Handlers {
+            installer: Arc::from(installer_for(&config.install)),
+            safe_state: Arc::from(probe_for(&config.safe_state.command)),
+        }
+    }
+}
+
 /// The agent's state and the parts it drives. See the module documentation.
 pub struct Agent {
     hardware: String,
@@ -229,11 +253,7 @@ impl Agent {
     /// Loads the signer keys and the persisted state, and sweeps the landing
     /// zone of folders no job needs. Uses the configured installer and probe.
     pub fn new(config: &AgentConfig, tls: &DeviceTls) -> anyhow::Result<Agent> {
-        let handlers = Handlers {
-            installer: Arc::from(installer_for(&config.install)),
-            safe_state: Arc::from(probe_for(&config.safe_state.command)),
-        };
-        Agent::with_handlers(config, tls, handlers)
+        Agent::with_handlers(config, tls, Handlers::from_config(config))
     }
 
     /// Like [`Agent::new`] with the given installer and safe-state probe.

@@ -22,7 +22,9 @@
 //! - [`remote_config`]: the `otter-agent-config` package (mode switch by update).
 //! - [`self_update`]: packages of kind `agent`: staging, the marker, the swap.
 //! - [`supervisor`]: the parent process that swaps executables and rolls back.
-//! - [`agent`]: the loop tying them together; [`run`] is the entry point and
+//! - [`agent`]: the loop tying them together; [`run`] is the entry point
+//!   ([`run_with_handlers`] with another installer and probe, for the
+//!   simulator) and
 //!   returns a [`RunOutcome`] (stopped, restart with a new configuration, or
 //!   a staged self-update for the supervisor).
 //!
@@ -46,5 +48,5 @@ pub mod state;
 pub mod supervisor;
 pub mod tls;
 
-pub use agent::{Agent, Handlers, RunOutcome, run};
+pub use agent::{Agent, Handlers, RunOutcome, run, run_with_handlers};
 pub use config::AgentConfig;

@@ -44,6 +44,25 @@ pub struct EnrollResponse {
     pub device_url: String,
 }
 
+/// Most devices one `POST /api/v1/devices/batch` may enrol.
+pub const MAX_BATCH_ENROLL: usize = 10_000;
+
+/// `POST /api/v1/devices/batch`: enrol many devices at once (a simulated
+/// fleet, a factory line). All are enrolled, or none: one transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchEnrollRequest {
+    /// At most [`MAX_BATCH_ENROLL`], each id once.
+    pub devices: Vec<EnrollRequest>,
+}
+
+/// The answer to a batch enrolment: one [`EnrollResponse`] per requested
+/// device, in the order of the request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchEnrollResponse {
+    pub devices: Vec<EnrollResponse>,
+}
+
 /// A device as the server knows it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceInfo {

@@ -201,11 +201,13 @@ impl MessageBus for EmbeddedBroker {
         payload: Vec<u8>,
     ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + 'a>> {
         Box::pin(async move {
+            let topic = device_topic(device_id, topic);
+            let (topic_length, payload_length) = (topic.len(), payload.len());
             let publish = Publish::from(CodecPublish {
                 dup: false,
                 retain: false,
                 qos: QoS::AtLeastOnce,
-                topic: device_topic(device_id, topic).into(),
+                topic: topic.into(),
                 packet_id: None,
                 payload: Bytes::from(payload),
                 properties: None,
@@ -228,7 +230,10 @@ impl MessageBus for EmbeddedBroker {
                 Ok(0) => Err(BrokerError::NoSession {
                     device_id: device_id.clone(),
                 }),
-                Ok(_) => Ok(()),
+                Ok(_) => {
+                    crate::metrics::metrics().mqtt_published(topic_length, payload_length);
+                    Ok(())
+                }
                 Err((_, failures)) => Err(BrokerError::Dropped {
                     device_id: device_id.clone(),
                     reason: failures
@@ -400,6 +405,14 @@ impl DeviceHooks {
                     .then(|| inbound_device_topic(&session.id.client_id, &publish.topic))
                     .flatten();
                 if let Some((device_id, topic)) = inbound {
+                    let metrics = crate::metrics::metrics();
+                    metrics.mqtt_received_messages.increment();
+                    metrics
+                        .mqtt_received_payload_bytes
+                        .add(publish.payload.len() as u64);
+                    if topic == DeviceTopic::Register {
+                        metrics.registration(otter_proto::api::Channel::Mqtt);
+                    }
                     self.send(BrokerEvent::Message {
                         device_id,
                         topic,
@@ -410,12 +423,14 @@ impl DeviceHooks {
                 (true, accumulated)
             }
             Parameter::ClientConnected(session) => {
+                crate::metrics::metrics().mqtt_connects.increment();
                 if let Ok(device_id) = DeviceId::parse(&session.id.client_id) {
                     self.send(BrokerEvent::Connected { device_id }).await;
                 }
                 (true, accumulated)
             }
             Parameter::ClientDisconnected(session, _reason) => {
+                crate::metrics::metrics().mqtt_disconnects.increment();
                 if let Ok(device_id) = DeviceId::parse(&session.id.client_id) {
                     self.send(BrokerEvent::Disconnected { device_id }).await;
                 }

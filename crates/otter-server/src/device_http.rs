@@ -58,6 +58,7 @@ use crate::clock;
 use crate::engine::{self, ReportOutcome};
 use crate::error::ApiError;
 use crate::links::{self, LinkRefusal, LinkSecret, LinkToken};
+use crate::metrics::{CountedDownload, CountingStream, metrics};
 use crate::notify::{Notifier, NotifyError, Preparation, PreparedUpdate};
 use crate::pki;
 use crate::store::{RegistrationOutcome, Store};
@@ -65,6 +66,11 @@ use crate::store::{RegistrationOutcome, Store};
 /// A poll whose registration equals the stored one refreshes the device's
 /// `last_seen` at most this often, so idle polls rarely write the database.
 pub const LAST_SEEN_REFRESH: Duration = Duration::from_secs(60);
+
+/// Bytes read from the blob per body piece. `ReaderStream`'s default (4 KiB)
+/// costs a blocking-pool round trip per 4 KiB of a file; 64 KiB fills four
+/// TLS records per read.
+const DOWNLOAD_READ_SIZE: usize = 64 * 1024;
 
 /// Default of [`DeviceEndpointLimits::header_read_timeout`] (`--device-idle-timeout`).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(75);
@@ -161,18 +167,22 @@ pub async fn serve(
             // Held for the connection's lifetime: bounds concurrent connections
             // and lets shutdown wait for them.
             let _permit = permit;
-            let tls_stream =
-                match tokio::time::timeout(limits.handshake_timeout, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => stream,
-                    Ok(Err(error)) => {
-                        tracing::debug!(%peer_address, %error, "device TLS handshake failed");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::debug!(%peer_address, "device TLS handshake timed out");
-                        return;
-                    }
-                };
+            let tls_stream = match tokio::time::timeout(
+                limits.handshake_timeout,
+                acceptor.accept(CountingStream::new(tcp)),
+            )
+            .await
+            {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(error)) => {
+                    tracing::debug!(%peer_address, %error, "device TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer_address, "device TLS handshake timed out");
+                    return;
+                }
+            };
             let device_id = tls_stream
                 .get_ref()
                 .1
@@ -395,7 +405,11 @@ async fn download(
         .await?;
 
     let reader = state.blobs.open_range(&blob_key, start, length).await?;
-    let mut response = Response::new(Body::from_stream(ReaderStream::new(reader)));
+    let body = CountedDownload::new(
+        ReaderStream::with_capacity(reader, DOWNLOAD_READ_SIZE),
+        length,
+    );
+    let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = status;
     let response_headers = response.headers_mut();
     response_headers.insert(
@@ -507,6 +521,7 @@ async fn poll(
     body: Body,
 ) -> Result<Response, ApiError> {
     let registration: Registration = device_message(&state.store, &device_id, "poll", body).await?;
+    metrics().polls.increment();
     if registration.protocol != otter_proto::PROTOCOL_VERSION {
         let message = format!(
             "protocol version {} is not supported (expected {})",
@@ -550,6 +565,7 @@ async fn poll(
         }
         RegistrationOutcome::Unchanged => {}
     }
+    metrics().registration(Channel::Poll);
 
     let mut prepared = None;
     for deployment_id in state.store.deployments_needing_link(&device_id).await? {
@@ -567,6 +583,7 @@ async fn poll(
     let etag_value =
         HeaderValue::from_str(&etag).map_err(|e| ApiError::internal("formatting an ETag", &e))?;
     if matches_if_none_match(&headers, &etag) {
+        metrics().polls_not_modified.increment();
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::NOT_MODIFIED;
         response.headers_mut().insert(header::ETAG, etag_value);

@@ -18,6 +18,7 @@
 //! - [`device_http`]: the mTLS device endpoint: downloads with ranges (step 6),
 //!   and the poll and status routes of pull mode.
 //! - [`blobs`]: artifact storage.
+//! - [`metrics`]: process-wide counters, served as Prometheus text at `GET /metrics`.
 
 pub mod api;
 pub mod audit;
@@ -30,6 +31,7 @@ pub mod engine;
 pub mod error;
 pub mod files;
 pub mod links;
+pub mod metrics;
 pub mod notify;
 pub mod pki;
 pub mod push;

@@ -217,6 +217,7 @@ impl Notifier {
                 &clock::now_rfc3339(),
             )
             .await?;
+        crate::metrics::metrics().notification(via);
         tracing::info!(device = %device_id, deployment = %notification.deployment_id, release = %notification.release, via = via.as_str(), "notification sent");
         Ok(())
     }

@@ -576,7 +576,11 @@ impl Pusher {
                 self.bus
                     .publish(device_id, DeviceTopic::Chunk, chunk.encode())
                     .await
-                    .map_err(PushError::Publish)
+                    .map_err(PushError::Publish)?;
+                let metrics = crate::metrics::metrics();
+                metrics.push_chunks_sent.increment();
+                metrics.push_chunk_bytes.add(data.len() as u64);
+                Ok(())
             }
             .await;
             if let Err(error) = result {
@@ -657,6 +661,7 @@ impl Notifier {
                 &at,
             )
             .await?;
+        crate::metrics::metrics().notifications_push.increment();
         let actor = Actor::server();
         let record = AuditRecord::new(&actor, AuditEvent::PushOffered)
             .device(device_id.as_str())

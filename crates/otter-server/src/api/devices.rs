@@ -1,10 +1,20 @@
-//! `POST /api/v1/devices` (enrolment: issue a certificate, store the device)
-//! and the device listing.
+//! `POST /api/v1/devices` (enrolment: issue a certificate, store the device),
+//! `POST /api/v1/devices/batch` (many at once, all or none) and the device
+//! listing.
+//!
+//! A batch is checked as a whole before anything is issued (every request
+//! valid, no id twice, none enrolled yet), its certificates are issued on
+//! the blocking pool spread over the cores, and its devices are stored in
+//! one transaction with one `device.enrolled` audit row each, exactly the
+//! rows a single enrolment writes.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use axum::extract::{Json, Path, Query, State};
 use axum::http::StatusCode;
-use otter_proto::api::{DeviceInfo, EnrollRequest, EnrollResponse};
+use otter_proto::api::{
+    BatchEnrollRequest, BatchEnrollResponse, DeviceInfo, EnrollRequest, EnrollResponse,
+    MAX_BATCH_ENROLL,
+};
 use otter_proto::manifest::validate_name;
 use otter_proto::topics::DeviceId;
 use serde::Deserialize;
@@ -13,10 +23,63 @@ use super::{ApiState, Authenticated, json_body, query_params};
 use crate::audit::Actor;
 use crate::clock;
 use crate::error::ApiError;
-use crate::store::{EnrollOutcome, NewDevice};
+use crate::pki::IssuedCertificate;
+use crate::store::{BatchEnrollOutcome, EnrollOutcome, NewDevice};
 
 /// Most tags one device may carry.
 const MAX_TAGS: usize = 64;
+
+/// Checks what one enrolment request may contain.
+fn validate_request(request: &EnrollRequest) -> Result<(), ApiError> {
+    let device = &request.device_id;
+    validate_name(&request.hardware).map_err(|e| {
+        ApiError::unprocessable("invalid-request", format!("{device}: hardware: {e}"))
+    })?;
+    if request.tags.len() > MAX_TAGS {
+        return Err(ApiError::unprocessable(
+            "invalid-request",
+            format!("{device}: at most {MAX_TAGS} tags per device"),
+        ));
+    }
+    for tag in &request.tags {
+        validate_name(tag).map_err(|e| {
+            ApiError::unprocessable("invalid-request", format!("{device}: tag {tag:?}: {e}"))
+        })?;
+    }
+    Ok(())
+}
+
+fn device_exists(device_id: &DeviceId) -> ApiError {
+    ApiError::conflict(
+        "device-exists",
+        format!("device {device_id} is already enrolled"),
+    )
+}
+
+fn new_device(request: &EnrollRequest, issued: &IssuedCertificate) -> NewDevice {
+    NewDevice {
+        device_id: request.device_id.clone(),
+        hardware: request.hardware.clone(),
+        tags: request.tags.clone(),
+        cert_serial: issued.serial_hex.clone(),
+    }
+}
+
+fn enroll_response(
+    state: &ApiState,
+    device_id: DeviceId,
+    issued: IssuedCertificate,
+) -> EnrollResponse {
+    EnrollResponse {
+        device_id,
+        certificate_pem: issued.certificate_pem,
+        private_key_pem: issued.private_key_pem,
+        ca_pem: state.pki.ca_pem().to_owned(),
+        trusted_signers: state.trusted_signer_pems.as_ref().clone(),
+        mqtt_url: state.urls.mqtt_url.clone(),
+        device_url: state.urls.device_url.clone(),
+    }
+}
 
 pub(super) async fn enroll(
     State(state): State<ApiState>,
@@ -24,26 +87,9 @@ pub(super) async fn enroll(
     body: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<EnrollResponse>), ApiError> {
     let request = json_body(body)?;
-    validate_name(&request.hardware)
-        .map_err(|e| ApiError::unprocessable("invalid-request", format!("hardware: {e}")))?;
-    if request.tags.len() > MAX_TAGS {
-        return Err(ApiError::unprocessable(
-            "invalid-request",
-            format!("at most {MAX_TAGS} tags per device"),
-        ));
-    }
-    for tag in &request.tags {
-        validate_name(tag)
-            .map_err(|e| ApiError::unprocessable("invalid-request", format!("tag {tag:?}: {e}")))?;
-    }
-    let exists = || {
-        ApiError::conflict(
-            "device-exists",
-            format!("device {} is already enrolled", request.device_id),
-        )
-    };
+    validate_request(&request)?;
     if state.store.device_exists(&request.device_id).await? {
-        return Err(exists());
+        return Err(device_exists(&request.device_id));
     }
     let pki = state.pki.clone();
     let device_id = request.device_id.clone();
@@ -51,34 +97,109 @@ pub(super) async fn enroll(
         .await
         .map_err(|e| ApiError::internal("issuing a device certificate", &e))?
         .map_err(|e| ApiError::internal("issuing a device certificate", &e))?;
-    let new_device = NewDevice {
-        device_id: request.device_id.clone(),
-        hardware: request.hardware.clone(),
-        tags: request.tags.clone(),
-        cert_serial: issued.serial_hex.clone(),
-    };
     let actor = Actor::operator(&operator.name);
     match state
         .store
-        .enroll_device(&new_device, &actor, &clock::now_rfc3339())
+        .enroll_device(
+            &new_device(&request, &issued),
+            &actor,
+            &clock::now_rfc3339(),
+        )
         .await?
     {
         EnrollOutcome::Enrolled => {}
-        EnrollOutcome::AlreadyExists => return Err(exists()),
+        EnrollOutcome::AlreadyExists => return Err(device_exists(&request.device_id)),
     }
     tracing::info!(device = %request.device_id, operator = %operator.name, "device enrolled");
     Ok((
         StatusCode::CREATED,
-        Json(EnrollResponse {
-            device_id: request.device_id,
-            certificate_pem: issued.certificate_pem.clone(),
-            private_key_pem: issued.private_key_pem.clone(),
-            ca_pem: state.pki.ca_pem().to_owned(),
-            trusted_signers: state.trusted_signer_pems.as_ref().clone(),
-            mqtt_url: state.urls.mqtt_url.clone(),
-            device_url: state.urls.device_url.clone(),
-        }),
+        Json(enroll_response(&state, request.device_id, issued)),
     ))
+}
+
+pub(super) async fn enroll_batch(
+    State(state): State<ApiState>,
+    Authenticated(operator): Authenticated,
+    body: Result<Json<BatchEnrollRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<BatchEnrollResponse>), ApiError> {
+    let requests = json_body(body)?.devices;
+    if requests.is_empty() || requests.len() > MAX_BATCH_ENROLL {
+        return Err(ApiError::unprocessable(
+            "invalid-request",
+            format!(
+                "a batch holds 1 to {MAX_BATCH_ENROLL} devices, not {}",
+                requests.len()
+            ),
+        ));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(requests.len());
+    for request in &requests {
+        validate_request(request)?;
+        if !seen.insert(request.device_id.as_str()) {
+            return Err(ApiError::unprocessable(
+                "invalid-request",
+                format!("device {} is listed twice", request.device_id),
+            ));
+        }
+    }
+    // A cheap check before the expensive part; the transaction checks again.
+    for request in &requests {
+        if state.store.device_exists(&request.device_id).await? {
+            return Err(device_exists(&request.device_id));
+        }
+    }
+    let issued = issue_all(&state, &requests).await?;
+    let new_devices: Vec<NewDevice> = requests
+        .iter()
+        .zip(&issued)
+        .map(|(request, issued)| new_device(request, issued))
+        .collect();
+    let actor = Actor::operator(&operator.name);
+    match state
+        .store
+        .enroll_devices(&new_devices, &actor, &clock::now_rfc3339())
+        .await?
+    {
+        BatchEnrollOutcome::Enrolled => {}
+        BatchEnrollOutcome::AlreadyExists(device_id) => return Err(device_exists(&device_id)),
+    }
+    tracing::info!(devices = requests.len(), operator = %operator.name, "devices enrolled in a batch");
+    let devices = requests
+        .into_iter()
+        .zip(issued)
+        .map(|(request, issued)| enroll_response(&state, request.device_id, issued))
+        .collect();
+    Ok((StatusCode::CREATED, Json(BatchEnrollResponse { devices })))
+}
+
+/// Issues one certificate per request, in request order, on the blocking
+/// pool with one task per core (key generation and signing are CPU work).
+async fn issue_all(
+    state: &ApiState,
+    requests: &[EnrollRequest],
+) -> Result<Vec<IssuedCertificate>, ApiError> {
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let per_task = requests.len().div_ceil(cores).max(1);
+    let mut tasks = Vec::new();
+    for chunk in requests.chunks(per_task) {
+        let pki = state.pki.clone();
+        let device_ids: Vec<DeviceId> = chunk.iter().map(|r| r.device_id.clone()).collect();
+        tasks.push(tokio::task::spawn_blocking(move || {
+            device_ids
+                .iter()
+                .map(|device_id| pki.issue_device(device_id))
+                .collect::<Result<Vec<_>, _>>()
+        }));
+    }
+    let mut issued = Vec::with_capacity(requests.len());
+    for task in tasks {
+        let chunk = task
+            .await
+            .map_err(|e| ApiError::internal("issuing device certificates", &e))?
+            .map_err(|e| ApiError::internal("issuing device certificates", &e))?;
+        issued.extend(chunk);
+    }
+    Ok(issued)
 }
 
 #[derive(Debug, Deserialize)]
@@ -101,8 +222,21 @@ pub(super) async fn show(
     _operator: Authenticated,
     Path(id): Path<String>,
 ) -> Result<Json<DeviceInfo>, ApiError> {
+    show_device(&state, &id).await
+}
+
+/// `GET /api/v1/devices/batch`: the batch route must not hide a device
+/// named `batch`.
+pub(super) async fn show_batch(
+    State(state): State<ApiState>,
+    _operator: Authenticated,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    show_device(&state, "batch").await
+}
+
+async fn show_device(state: &ApiState, id: &str) -> Result<Json<DeviceInfo>, ApiError> {
     let unknown = || ApiError::not_found("unknown-device", format!("no device {id:?}"));
-    let device_id = DeviceId::parse(&id).map_err(|_| unknown())?;
+    let device_id = DeviceId::parse(id).map_err(|_| unknown())?;
     state
         .store
         .device(&device_id)

@@ -1,6 +1,7 @@
 //! The operator REST API (`/api/v1/...`): plain HTTP JSON, on the API
 //! address (loopback by default), every route but `health` behind an
-//! operator token.
+//! operator token, and `GET /metrics` (Prometheus text, no token; see
+//! `crate::metrics`).
 //!
 //! Layout: this file holds the shared [`ApiState`], the router, token
 //! authentication and the mapping of extractor rejections to JSON errors;
@@ -62,7 +63,12 @@ pub struct ApiState {
 pub fn router(state: ApiState) -> Router {
     Router::new()
         .route("/api/v1/health", get(health))
+        .route("/metrics", get(metrics))
         .route("/api/v1/devices", post(devices::enroll).get(devices::list))
+        .route(
+            "/api/v1/devices/batch",
+            post(devices::enroll_batch).get(devices::show_batch),
+        )
         .route("/api/v1/devices/{id}", get(devices::show))
         .route(
             "/api/v1/releases",
@@ -82,6 +88,19 @@ pub fn router(state: ApiState) -> Router {
 
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
+}
+
+/// `GET /metrics`: the server's counters as Prometheus text. Without a
+/// token, like most exporters: the figures are counts and sizes, and the API
+/// address is loopback by default.
+async fn metrics() -> impl axum::response::IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        crate::metrics::render(),
+    )
 }
 
 async fn not_found() -> ApiError {

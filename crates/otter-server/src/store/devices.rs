@@ -29,6 +29,14 @@ pub enum EnrollOutcome {
     AlreadyExists,
 }
 
+/// Result of [`Store::enroll_devices`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchEnrollOutcome {
+    Enrolled,
+    /// This device is already enrolled; nothing was stored.
+    AlreadyExists(DeviceId),
+}
+
 /// Result of [`Store::record_registration`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RegistrationOutcome {
@@ -61,40 +69,35 @@ impl Store {
         at: &str,
     ) -> Result<EnrollOutcome, StoreError> {
         let mut transaction = self.begin_write().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO devices (id, hardware, enrolled_at, cert_serial) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(device.device_id.as_str())
-        .bind(device.hardware.as_str())
-        .bind(at)
-        .bind(device.cert_serial.as_str())
-        .execute(&mut *transaction)
-        .await;
-        match inserted {
-            Ok(_) => {}
-            Err(error) if is_unique_violation(&error) => return Ok(EnrollOutcome::AlreadyExists),
-            Err(error) => return Err(error.into()),
+        let outcome = insert_device(&mut transaction, device, actor, at).await?;
+        if outcome == EnrollOutcome::Enrolled {
+            transaction.commit().await?;
         }
-        let mut tags = device.tags.clone();
-        tags.sort();
-        tags.dedup();
-        for tag in &tags {
-            sqlx::query("INSERT INTO device_tags (device_id, tag) VALUES ($1, $2)")
-                .bind(device.device_id.as_str())
-                .bind(tag.as_str())
-                .execute(&mut *transaction)
-                .await?;
+        Ok(outcome)
+    }
+
+    /// Stores many new devices in one transaction, each with its tags and
+    /// its own `device.enrolled` audit row (as [`Store::enroll_device`]
+    /// writes, so the audit reads the same whichever way a device came).
+    /// If any id is already enrolled nothing is stored and that id is
+    /// returned.
+    pub async fn enroll_devices(
+        &self,
+        devices: &[NewDevice],
+        actor: &Actor,
+        at: &str,
+    ) -> Result<BatchEnrollOutcome, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        for device in devices {
+            if insert_device(&mut transaction, device, actor, at).await?
+                == EnrollOutcome::AlreadyExists
+            {
+                // Dropping the transaction rolls every insert back.
+                return Ok(BatchEnrollOutcome::AlreadyExists(device.device_id.clone()));
+            }
         }
-        let record = AuditRecord::new(actor, AuditEvent::DeviceEnrolled)
-            .device(device.device_id.as_str())
-            .details(serde_json::json!({
-                "hardware": device.hardware,
-                "tags": tags,
-                "certificate_serial": device.cert_serial,
-            }));
-        audit::append(&mut transaction, at, &record).await?;
         transaction.commit().await?;
-        Ok(EnrollOutcome::Enrolled)
+        Ok(BatchEnrollOutcome::Enrolled)
     }
 
     /// One device, or `None` if unknown.
@@ -283,4 +286,47 @@ fn device_from_row(row: &AnyRow, tags: Vec<String>) -> Result<DeviceInfo, StoreE
             Some(other) => return Err(StoreError::corrupt("devices.registered_via", other)),
         },
     })
+}
+
+/// Inserts one device, its tags and its audit row in `transaction`; leaves
+/// committing to the caller.
+async fn insert_device(
+    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    device: &NewDevice,
+    actor: &Actor,
+    at: &str,
+) -> Result<EnrollOutcome, StoreError> {
+    let inserted = sqlx::query(
+        "INSERT INTO devices (id, hardware, enrolled_at, cert_serial) VALUES ($1, $2, $3, $4)",
+    )
+    .bind(device.device_id.as_str())
+    .bind(device.hardware.as_str())
+    .bind(at)
+    .bind(device.cert_serial.as_str())
+    .execute(&mut **transaction)
+    .await;
+    match inserted {
+        Ok(_) => {}
+        Err(error) if is_unique_violation(&error) => return Ok(EnrollOutcome::AlreadyExists),
+        Err(error) => return Err(error.into()),
+    }
+    let mut tags = device.tags.clone();
+    tags.sort();
+    tags.dedup();
+    for tag in &tags {
+        sqlx::query("INSERT INTO device_tags (device_id, tag) VALUES ($1, $2)")
+            .bind(device.device_id.as_str())
+            .bind(tag.as_str())
+            .execute(&mut **transaction)
+            .await?;
+    }
+    let record = AuditRecord::new(actor, AuditEvent::DeviceEnrolled)
+        .device(device.device_id.as_str())
+        .details(serde_json::json!({
+            "hardware": device.hardware,
+            "tags": tags,
+            "certificate_serial": device.cert_serial,
+        }));
+    audit::append(transaction, at, &record).await?;
+    Ok(EnrollOutcome::Enrolled)
 }

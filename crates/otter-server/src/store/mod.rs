@@ -28,7 +28,7 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use crate::audit::{self, AuditRecord};
 
 pub use deployments::{AdvanceOutcome, CreatedDeployment, DeploymentCreation, NotificationTarget};
-pub use devices::{EnrollOutcome, NewDevice, RegistrationOutcome};
+pub use devices::{BatchEnrollOutcome, EnrollOutcome, NewDevice, RegistrationOutcome};
 pub use push::PushProgress;
 pub use releases::{NewRelease, ReleaseInsertOutcome, StoredRelease};
 
