@@ -3,9 +3,12 @@
 //! API's requests to notify a new deployment's devices, and drives the
 //! per-device phase machine of `otter_proto::deployment`.
 //!
-//! Notifications for a new deployment are queued and sent one device per
-//! loop turn, interleaved with incoming events, so a large deployment does
-//! not hold up devices' reports.
+//! Notifications for a new deployment are queued and sent in batches of
+//! [`NOTIFY_BATCH`] devices, one batch per loop turn
+//! ([`Notifier::notify_batch`]: one read, one transaction of links, the
+//! publishes, one transaction of deliveries), with the release read once per
+//! deployment; incoming events interleave between batches, so a large
+//! deployment does not hold up devices' reports for long.
 //!
 //! Push mode's transfers ([`crate::push::Pusher`]) are owned here too:
 //! acknowledgements and disconnections move them, and the loop wakes at
@@ -27,9 +30,14 @@ use tokio_util::sync::CancellationToken;
 use crate::audit::{Actor, AuditEvent, AuditRecord};
 use crate::broker::{BrokerEvent, MessageBus};
 use crate::clock;
-use crate::notify::{Notifier, NotifyError};
+use crate::notify::{Notifier, NotifyError, UpdateTemplate};
 use crate::push::{PushError, Pusher};
 use crate::store::{AdvanceOutcome, RegistrationOutcome, Store, StoreError};
+
+/// Devices notified per loop turn. Large enough that a deployment costs a
+/// few transactions, small enough that a batch (a few tens of milliseconds)
+/// does not hold up reports.
+pub const NOTIFY_BATCH: usize = 500;
 
 /// Capacity of the API → engine channel.
 pub const COMMAND_CAPACITY: usize = 64;
@@ -55,13 +63,21 @@ enum EngineError {
     Push(#[from] PushError),
 }
 
+/// A committed deployment's devices still to notify.
+struct PendingDeployment {
+    deployment_id: String,
+    device_ids: VecDeque<DeviceId>,
+    /// Read at the first batch, then shared by every notification.
+    template: Option<UpdateTemplate>,
+}
+
 /// The engine and what it drives.
 pub struct Engine {
     store: Store,
     bus: Arc<dyn MessageBus>,
     notifier: Notifier,
-    /// Devices still to notify, with their deployment.
-    queue: VecDeque<(DeviceId, String)>,
+    /// Deployments with devices still to notify, oldest first.
+    queue: VecDeque<PendingDeployment>,
     /// Push transfers in progress.
     push: Pusher,
 }
@@ -95,14 +111,16 @@ impl Engine {
                 },
                 command = commands.recv(), if commands_open => match command {
                     Some(EngineCommand::NotifyDeployment { deployment_id, device_ids }) => {
-                        self.queue.extend(device_ids.into_iter().map(|d| (d, deployment_id.clone())));
+                        self.queue.push_back(PendingDeployment {
+                            deployment_id,
+                            device_ids: device_ids.into(),
+                            template: None,
+                        });
                     }
                     None => commands_open = false,
                 },
                 _ = std::future::ready(()), if !self.queue.is_empty() => {
-                    if let Some((device_id, deployment_id)) = self.queue.pop_front() {
-                        self.notify(&device_id, &deployment_id).await;
-                    }
+                    self.notify_next_batch().await;
                 }
                 () = sleep_until(self.push.next_deadline()) => {
                     self.push.on_deadline(std::time::Instant::now()).await;
@@ -110,6 +128,48 @@ impl Engine {
             }
         }
         tracing::debug!("engine stopped");
+    }
+
+    /// Notifies the next [`NOTIFY_BATCH`] devices of the oldest pending
+    /// deployment, dropping it from the queue once all are done.
+    async fn notify_next_batch(&mut self) {
+        let Some(pending) = self.queue.front_mut() else {
+            return;
+        };
+        if pending.template.is_none() {
+            match self.notifier.update_template(&pending.deployment_id).await {
+                Ok(Some(template)) => pending.template = Some(template),
+                Ok(None) => {
+                    tracing::error!(deployment = %pending.deployment_id, "deployment to notify is missing");
+                    self.queue.pop_front();
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(deployment = %pending.deployment_id, %error, "notification failed; devices are notified when they register");
+                    self.queue.pop_front();
+                    return;
+                }
+            }
+        }
+        let take = pending.device_ids.len().min(NOTIFY_BATCH);
+        let batch: Vec<DeviceId> = pending.device_ids.drain(..take).collect();
+        if let Some(template) = &pending.template {
+            match self.notifier.notify_batch(template, &batch).await {
+                Ok(outcomes) => {
+                    for (device_id, outcome) in outcomes {
+                        if let Err(error) = outcome {
+                            tracing::error!(device = %device_id, deployment = %template.deployment_id, %error, "notification failed");
+                        }
+                    }
+                }
+                Err(error) => {
+                    tracing::error!(deployment = %template.deployment_id, devices = batch.len(), %error, "notification batch failed");
+                }
+            }
+        }
+        if pending.device_ids.is_empty() {
+            self.queue.pop_front();
+        }
     }
 
     async fn notify(&self, device_id: &DeviceId, deployment_id: &str) {

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use otter_proto::api::{DeploymentDevice, DeploymentInfo, DeploymentStatus, Target};
 use otter_proto::deployment::Phase;
-use otter_proto::messages::DeviceEvent;
+use otter_proto::messages::{DeviceEvent, Mode};
 use otter_proto::topics::DeviceId;
 use sqlx::Row;
 use sqlx::any::AnyRow;
@@ -46,6 +46,16 @@ pub struct NotificationTarget {
     pub deployment_id: String,
     pub release_id: String,
     pub phase: Phase,
+}
+
+/// A targeted device as the batch notifier needs it
+/// ([`Store::delivery_targets`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryTarget {
+    pub device_id: DeviceId,
+    pub phase: Phase,
+    /// The mode the device last registered; `None` if it never did.
+    pub mode: Option<Mode>,
 }
 
 /// Result of [`Store::advance_target`].
@@ -250,6 +260,45 @@ impl Store {
         }))
     }
 
+    /// Which of `device_ids` `deployment_id` targets, with each one's phase
+    /// and the mode it last registered (`None`: never registered), in one
+    /// query; untargeted devices are absent.
+    pub async fn delivery_targets(
+        &self,
+        deployment_id: &str,
+        device_ids: &[DeviceId],
+    ) -> Result<Vec<DeliveryTarget>, StoreError> {
+        if device_ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let sql = format!(
+            "SELECT t.device_id, t.phase, d.mode FROM deployment_targets t \
+             JOIN devices d ON d.id = t.device_id \
+             WHERE t.deployment_id = $1 AND t.device_id IN ({})",
+            super::placeholders(2, device_ids.len())
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(deployment_id);
+        for device_id in device_ids {
+            query = query.bind(device_id.as_str());
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        let mut targets = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let device_id: String = row.try_get("device_id")?;
+            let mode: Option<String> = row.try_get("mode")?;
+            targets.push(DeliveryTarget {
+                device_id: DeviceId::parse(&device_id)
+                    .map_err(|e| StoreError::corrupt("deployment_targets.device_id", e))?,
+                phase: parse_phase(&row.try_get::<String, _>("phase")?)?,
+                mode: mode
+                    .map(|m| m.parse::<Mode>())
+                    .transpose()
+                    .map_err(|e| StoreError::corrupt("devices.mode", e))?,
+            });
+        }
+        Ok(targets)
+    }
+
     /// The deployments in which `device_id` still needs its link
     /// ([`Phase::needs_link`]), oldest first.
     pub async fn deployments_needing_link(
@@ -274,7 +323,8 @@ impl Store {
     }
 
     /// Records that a notification was published (step 4): the phase moves
-    /// from pending to notified and `notification.sent` is audited.
+    /// from pending to notified and `notification.sent` is audited. A
+    /// delivery is a batch of one of [`Store::record_notifications`].
     pub async fn record_notification(
         &self,
         deployment_id: &str,
@@ -282,24 +332,41 @@ impl Store {
         details: serde_json::Value,
         at: &str,
     ) -> Result<(), StoreError> {
-        let mut transaction = self.begin_write().await?;
-        sqlx::query(
-            "UPDATE deployment_targets SET phase = $1, updated_at = $2 \
-             WHERE deployment_id = $3 AND device_id = $4 AND phase = $5",
-        )
-        .bind(Phase::Notified.as_str())
-        .bind(at)
-        .bind(deployment_id)
-        .bind(device_id.as_str())
-        .bind(Phase::Pending.as_str())
-        .execute(&mut *transaction)
-        .await?;
+        self.record_notifications(deployment_id, &[(device_id, details)], at)
+            .await
+    }
+
+    /// [`Store::record_notification`] for several devices of one deployment
+    /// in one transaction, each with its own `notification.sent` row.
+    pub async fn record_notifications(
+        &self,
+        deployment_id: &str,
+        deliveries: &[(&DeviceId, serde_json::Value)],
+        at: &str,
+    ) -> Result<(), StoreError> {
+        if deliveries.is_empty() {
+            return Ok(());
+        }
         let actor = Actor::server();
-        let record = AuditRecord::new(&actor, AuditEvent::NotificationSent)
-            .device(device_id.as_str())
-            .deployment(deployment_id)
-            .details(details);
-        audit::append(&mut transaction, at, &record).await?;
+        let mut transaction = self.begin_write().await?;
+        for (device_id, details) in deliveries {
+            sqlx::query(
+                "UPDATE deployment_targets SET phase = $1, updated_at = $2 \
+                 WHERE deployment_id = $3 AND device_id = $4 AND phase = $5",
+            )
+            .bind(Phase::Notified.as_str())
+            .bind(at)
+            .bind(deployment_id)
+            .bind(device_id.as_str())
+            .bind(Phase::Pending.as_str())
+            .execute(&mut *transaction)
+            .await?;
+            let record = AuditRecord::new(&actor, AuditEvent::NotificationSent)
+                .device(device_id.as_str())
+                .deployment(deployment_id)
+                .details(details.clone());
+            audit::append(&mut transaction, at, &record).await?;
+        }
         transaction.commit().await?;
         Ok(())
     }

@@ -2,6 +2,8 @@
 //! revocation (step 6). Tokens and their MAC are in `crate::links`; a row
 //! here adds what a token cannot carry: revocation.
 
+use std::collections::HashMap;
+
 use otter_proto::topics::DeviceId;
 use sqlx::any::AnyRow;
 use sqlx::{AnyConnection, Row};
@@ -10,59 +12,88 @@ use super::{Store, StoreError};
 use crate::audit::{self, Actor, AuditEvent, AuditRecord};
 use crate::links::{LinkId, StoredLink};
 
+/// A link to store with [`Store::insert_links`].
+#[derive(Debug, Clone)]
+pub struct NewLink<'a> {
+    pub link_id: LinkId,
+    pub device_id: &'a DeviceId,
+    pub expires_at: i64,
+}
+
 impl Store {
-    /// Stores a new link and its `link.created` audit row.
-    pub async fn insert_link(
+    /// Stores new links of `deployment_id` and their `link.created` audit
+    /// rows, all in one transaction: a deployment's devices get their links
+    /// in a few transactions rather than one each. A single link is a batch
+    /// of one.
+    pub async fn insert_links(
         &self,
-        link_id: &LinkId,
         deployment_id: &str,
-        device_id: &DeviceId,
-        expires_at: i64,
+        links: &[NewLink<'_>],
         at: &str,
     ) -> Result<(), StoreError> {
-        let mut transaction = self.begin_write().await?;
-        sqlx::query(
-            "INSERT INTO links (id, deployment_id, device_id, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(link_id.to_hex())
-        .bind(deployment_id)
-        .bind(device_id.as_str())
-        .bind(at)
-        .bind(expires_at)
-        .execute(&mut *transaction)
-        .await?;
+        if links.is_empty() {
+            return Ok(());
+        }
         let actor = Actor::server();
-        let record = AuditRecord::new(&actor, AuditEvent::LinkCreated)
-            .device(device_id.as_str())
-            .deployment(deployment_id)
-            .details(serde_json::json!({
-                "link_id": link_id.to_hex(),
-                "expires_at": expires_at,
-            }));
-        audit::append(&mut transaction, at, &record).await?;
+        let mut transaction = self.begin_write().await?;
+        for link in links {
+            sqlx::query(
+                "INSERT INTO links (id, deployment_id, device_id, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
+            )
+            .bind(link.link_id.to_hex())
+            .bind(deployment_id)
+            .bind(link.device_id.as_str())
+            .bind(at)
+            .bind(link.expires_at)
+            .execute(&mut *transaction)
+            .await?;
+            let record = AuditRecord::new(&actor, AuditEvent::LinkCreated)
+                .device(link.device_id.as_str())
+                .deployment(deployment_id)
+                .details(serde_json::json!({
+                    "link_id": link.link_id.to_hex(),
+                    "expires_at": link.expires_at,
+                }));
+            audit::append(&mut transaction, at, &record).await?;
+        }
         transaction.commit().await?;
         Ok(())
     }
 
-    /// A link of `device_id` for `deployment_id` that is neither revoked nor
-    /// expiring before `valid_after` (Unix seconds), the latest one first.
-    pub async fn usable_link(
+    /// For each of `device_ids`, its latest link for `deployment_id` that is
+    /// neither revoked nor expiring before `valid_after` (Unix seconds), by
+    /// device id; devices without one are absent. One query per batch.
+    pub async fn usable_links(
         &self,
         deployment_id: &str,
-        device_id: &DeviceId,
+        device_ids: &[&DeviceId],
         valid_after: i64,
-    ) -> Result<Option<StoredLink>, StoreError> {
-        let row = sqlx::query(
+    ) -> Result<HashMap<String, StoredLink>, StoreError> {
+        let mut usable: HashMap<String, StoredLink> = HashMap::new();
+        if device_ids.is_empty() {
+            return Ok(usable);
+        }
+        let sql = format!(
             "SELECT id, deployment_id, device_id, expires_at, revoked_at FROM links \
-             WHERE deployment_id = $1 AND device_id = $2 AND revoked_at IS NULL AND expires_at > $3 \
-             ORDER BY expires_at DESC LIMIT 1",
-        )
-        .bind(deployment_id)
-        .bind(device_id.as_str())
-        .bind(valid_after)
-        .fetch_optional(&self.pool)
-        .await?;
-        row.as_ref().map(link_from_row).transpose()
+             WHERE deployment_id = $1 AND revoked_at IS NULL AND expires_at > $2 AND device_id IN ({})",
+            super::placeholders(3, device_ids.len())
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(deployment_id)
+            .bind(valid_after);
+        for device_id in device_ids {
+            query = query.bind(device_id.as_str());
+        }
+        for row in query.fetch_all(&self.pool).await? {
+            let link = link_from_row(&row)?;
+            match usable.get(&link.device_id) {
+                Some(kept) if kept.expires_at >= link.expires_at => {}
+                _ => {
+                    usable.insert(link.device_id.clone(), link);
+                }
+            }
+        }
+        Ok(usable)
     }
 
     /// The link with this id, or `None`.

@@ -27,8 +27,11 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 
 use crate::audit::{self, AuditRecord};
 
-pub use deployments::{AdvanceOutcome, CreatedDeployment, DeploymentCreation, NotificationTarget};
+pub use deployments::{
+    AdvanceOutcome, CreatedDeployment, DeliveryTarget, DeploymentCreation, NotificationTarget,
+};
 pub use devices::{BatchEnrollOutcome, EnrollOutcome, NewDevice, RegistrationOutcome};
+pub use links::NewLink;
 pub use push::PushProgress;
 pub use releases::{NewRelease, ReleaseInsertOutcome, StoredRelease};
 
@@ -55,6 +58,16 @@ impl StoreError {
             reason: reason.to_string(),
         }
     }
+}
+
+/// `$first, $first+1, …` for `count` values of an `IN (…)` list: portable
+/// SQL, where SQLite has no array parameter. Callers keep `count` to a
+/// batch (at most a thousand or so), well under SQLite's parameter limit.
+fn placeholders(first: usize, count: usize) -> String {
+    (first..first + count)
+        .map(|n| format!("${n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
