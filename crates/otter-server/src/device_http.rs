@@ -315,7 +315,10 @@ async fn download(
     let Some(token) = LinkToken::decode(&token_text) else {
         return Err(refusal_error(LinkRefusal::NotFound));
     };
-    let stored = state.store.link(&token.link_id).await?;
+    let (stored, release) = match state.store.link_for_download(&token.link_id).await? {
+        Some((stored, release)) => (Some(stored), release),
+        None => (None, None),
+    };
     let now = clock::now_unix();
     if let Err(refusal) =
         links::verify(&state.link_secret, &token, stored.as_ref(), &device_id, now)
@@ -346,10 +349,7 @@ async fn download(
     let Some(stored) = stored else {
         return Err(refusal_error(LinkRefusal::NotFound));
     };
-    let release = state
-        .store
-        .release_of_deployment(&stored.deployment_id)
-        .await?
+    let release = release
         .ok_or_else(|| ApiError::internal("finding a link's release", &stored.deployment_id))?;
     let blob_key = BlobKey::from_sha256_hex(&release.blob_key)
         .ok_or_else(|| ApiError::internal("reading a release's blob key", &release.blob_key))?;
@@ -393,7 +393,7 @@ async fn download(
         .device(device_id.as_str())
         .deployment(&stored.deployment_id)
         .details(serde_json::json!({
-            "release": release.info.id,
+            "release": release.release_id,
             "link_id": stored.link_id.to_hex(),
             "range_start": start,
             "bytes": length,

@@ -10,6 +10,12 @@
 //! deployment; incoming events interleave between batches, so a large
 //! deployment does not hold up devices' reports for long.
 //!
+//! Device events are taken up to [`EVENT_BATCH`] at a time (what is already
+//! queued); consecutive status reports among them are applied in one
+//! transaction ([`apply_reports`]), in arrival order, and any other event is
+//! handled after the reports before it, so each device's events keep their
+//! order.
+//!
 //! Push mode's transfers ([`crate::push::Pusher`]) are owned here too:
 //! acknowledgements and disconnections move them, and the loop wakes at
 //! their earliest resend deadline.
@@ -19,7 +25,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use otter_proto::api::Channel;
-use otter_proto::deployment::{self, Outcome};
+use otter_proto::deployment;
 use otter_proto::messages::{
     DecodeError, ErrorMessage, PushAck, Registration, ServerMessage, StatusReport, decode, encode,
 };
@@ -32,7 +38,7 @@ use crate::broker::{BrokerEvent, MessageBus};
 use crate::clock;
 use crate::notify::{Notifier, NotifyError, UpdateTemplate};
 use crate::push::{PushError, Pusher};
-use crate::store::{AdvanceOutcome, RegistrationOutcome, Store, StoreError};
+use crate::store::{RegistrationOutcome, ReportApplied, ReportToApply, Store, StoreError};
 
 /// Devices notified per loop turn. Large enough that a deployment costs a
 /// few transactions, small enough that a batch (a few tens of milliseconds)
@@ -41,6 +47,10 @@ pub const NOTIFY_BATCH: usize = 500;
 
 /// Capacity of the API → engine channel.
 pub const COMMAND_CAPACITY: usize = 64;
+
+/// Most device events taken from the channel per loop turn; the status
+/// reports among them are applied in one transaction.
+pub const EVENT_BATCH: usize = 256;
 
 /// Requests from the API to the engine.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -106,7 +116,17 @@ impl Engine {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 event = events.recv(), if events_open => match event {
-                    Some(event) => self.handle_event(event).await,
+                    Some(event) => {
+                        // What else is already queued goes with it.
+                        let mut batch = vec![event];
+                        while batch.len() < EVENT_BATCH {
+                            match events.try_recv() {
+                                Ok(event) => batch.push(event),
+                                Err(_) => break,
+                            }
+                        }
+                        self.handle_events(batch).await;
+                    }
                     None => events_open = false,
                 },
                 command = commands.recv(), if commands_open => match command {
@@ -186,7 +206,13 @@ impl Engine {
                 payload,
             } => match topic {
                 DeviceTopic::Register => self.handle_registration(&device_id, &payload).await,
-                DeviceTopic::Status => self.handle_status(&device_id, &payload).await,
+                DeviceTopic::Status => match decode::<StatusReport>(&payload) {
+                    Ok(report) => {
+                        self.apply_status_reports(vec![(device_id, report)]).await;
+                        Ok(())
+                    }
+                    Err(error) => self.reject(&device_id, "status", &error).await,
+                },
                 DeviceTopic::Ack => self.handle_push_ack(&device_id, &payload).await,
                 DeviceTopic::Notify | DeviceTopic::Chunk => {
                     tracing::warn!(device = %device_id, ?topic, "ignoring a device message on a server topic");
@@ -271,27 +297,82 @@ impl Engine {
         Ok(())
     }
 
-    /// Steps 5–8: a device reports progress on a deployment.
-    async fn handle_status(
-        &self,
-        device_id: &DeviceId,
-        payload: &Bytes,
-    ) -> Result<(), EngineError> {
-        let report: StatusReport = match decode(payload) {
-            Ok(report) => report,
-            Err(error) => return self.reject(device_id, "status", &error).await,
-        };
-        match apply_report(&self.store, device_id, &report).await? {
-            ReportOutcome::UnknownDeployment => {
-                self.answer_error(
+    /// Handles queued events in order, except that consecutive status
+    /// reports are applied together ([`apply_reports`]); the batch is
+    /// applied before any other event, so each device's events keep their
+    /// order.
+    async fn handle_events(&mut self, events: Vec<BrokerEvent>) {
+        let mut reports: Vec<(DeviceId, StatusReport)> = Vec::new();
+        for event in events {
+            match event {
+                BrokerEvent::Message {
                     device_id,
-                    "status",
-                    "unknown-deployment",
-                    &unknown_deployment_message(&report),
-                )
-                .await
+                    topic: DeviceTopic::Status,
+                    payload,
+                } => match decode::<StatusReport>(&payload) {
+                    Ok(report) => reports.push((device_id, report)),
+                    Err(error) => {
+                        // A malformed report changes no phase: answered now.
+                        if let Err(error) = self.reject(&device_id, "status", &error).await {
+                            tracing::error!(%error, "handling a device event failed");
+                        }
+                    }
+                },
+                other => {
+                    self.apply_status_reports(std::mem::take(&mut reports))
+                        .await;
+                    self.handle_event(other).await;
+                }
             }
-            ReportOutcome::Applied | ReportOutcome::Ignored => Ok(()),
+        }
+        self.apply_status_reports(reports).await;
+    }
+
+    /// Steps 5–8: devices report progress on deployments, applied in one
+    /// transaction; a report on a deployment that does not target its
+    /// device is answered with an error.
+    async fn apply_status_reports(&self, reports: Vec<(DeviceId, StatusReport)>) {
+        if reports.is_empty() {
+            return;
+        }
+        let borrowed: Vec<(&DeviceId, &StatusReport)> = reports
+            .iter()
+            .map(|(device_id, report)| (device_id, report))
+            .collect();
+        let outcomes = match apply_reports(&self.store, &borrowed).await {
+            Ok(outcomes) => outcomes.into_iter().map(Ok).collect(),
+            // The batch was rolled back as a whole: apply the reports one by
+            // one, so one failure costs only its own report.
+            Err(error) if reports.len() > 1 => {
+                tracing::warn!(reports = reports.len(), %error, "applying a batch of status reports failed; applying them one by one");
+                let mut outcomes = Vec::with_capacity(reports.len());
+                for (device_id, report) in &reports {
+                    outcomes.push(apply_report(&self.store, device_id, report).await);
+                }
+                outcomes
+            }
+            Err(error) => vec![Err(error)],
+        };
+        for ((device_id, report), outcome) in reports.iter().zip(outcomes) {
+            let outcome = match outcome {
+                Ok(outcome) => outcome,
+                Err(error) => {
+                    tracing::error!(device = %device_id, deployment = %report.deployment_id, %error, "applying a status report failed");
+                    continue;
+                }
+            };
+            if outcome == ReportOutcome::UnknownDeployment
+                && let Err(error) = self
+                    .answer_error(
+                        device_id,
+                        "status",
+                        "unknown-deployment",
+                        &unknown_deployment_message(report),
+                    )
+                    .await
+            {
+                tracing::error!(%error, "handling a device event failed");
+            }
         }
     }
 
@@ -343,73 +424,73 @@ pub enum ReportOutcome {
     UnknownDeployment,
 }
 
-/// Steps 5–8, the one handling of a device's status report, whether it came
-/// over MQTT (the engine task) or HTTPS (`device_http`'s `POST /v1/status`):
-/// phase machine, audit row and link revocation.
-///
-/// Safe to call concurrently: the change is one transaction guarded by the
-/// phase it was computed from (`Store::advance_target`), so of two racing
-/// reports one wins and the other is recomputed from the new phase here.
+/// Steps 5–8 for one report: [`apply_reports`] with a batch of one. Used by
+/// `device_http`'s `POST /v1/status`.
 pub async fn apply_report(
     store: &Store,
     device_id: &DeviceId,
     report: &StatusReport,
 ) -> Result<ReportOutcome, StoreError> {
-    // A lost race is recomputed; more than a few in a row means the device
-    // is sending the same report on several channels at once.
-    const ATTEMPTS: usize = 3;
-    for _ in 0..ATTEMPTS {
-        let Some(target) = store
-            .notification_target(&report.deployment_id, device_id)
-            .await?
-        else {
-            return Ok(ReportOutcome::UnknownDeployment);
-        };
-        match deployment::apply(target.phase, report.event) {
-            Outcome::Advanced { to, revoke_link } => {
-                let outcome = store
-                    .advance_target(
-                        &report.deployment_id,
-                        device_id,
-                        target.phase,
-                        to,
-                        report.event,
-                        report.detail.as_deref(),
-                        revoke_link,
-                        &clock::now_rfc3339(),
-                    )
-                    .await?;
-                match outcome {
-                    AdvanceOutcome::Advanced { revoked_links } => {
-                        tracing::info!(
-                            device = %device_id,
-                            deployment = %report.deployment_id,
-                            phase = to.as_str(),
-                            revoked_links,
-                            "device progressed"
-                        );
-                        return Ok(ReportOutcome::Applied);
-                    }
-                    AdvanceOutcome::Stale => tracing::debug!(
-                        device = %device_id,
-                        deployment = %report.deployment_id,
-                        "report raced another change; retrying"
-                    ),
-                }
+    let outcomes = apply_reports(store, &[(device_id, report)]).await?;
+    // `apply_reports` answers every report it was given.
+    Ok(outcomes.first().copied().unwrap_or(ReportOutcome::Ignored))
+}
+
+/// Steps 5–8, the one handling of devices' status reports, whether they
+/// came over MQTT (the engine task, a batch of what was queued) or HTTPS
+/// (`device_http`'s `POST /v1/status`, a batch of one): phase machine, audit
+/// row and link revocation, for the whole batch in one transaction
+/// ([`Store::apply_reports`]). Reports are applied in order, each seeing the
+/// effect of the earlier ones, so a device's reports keep their order.
+/// Returns one outcome per report, in order.
+///
+/// Safe to call concurrently: the transaction holds the write lock, and each
+/// change is guarded by the phase it was computed from.
+pub async fn apply_reports(
+    store: &Store,
+    reports: &[(&DeviceId, &StatusReport)],
+) -> Result<Vec<ReportOutcome>, StoreError> {
+    let to_apply: Vec<ReportToApply<'_>> = reports
+        .iter()
+        .map(|(device_id, report)| ReportToApply {
+            deployment_id: &report.deployment_id,
+            device_id,
+            event: report.event,
+            detail: report.detail.as_deref(),
+        })
+        .collect();
+    let applied = store
+        .apply_reports(&to_apply, &clock::now_rfc3339(), deployment::apply)
+        .await?;
+    Ok(to_apply
+        .iter()
+        .zip(applied)
+        .map(|(report, applied)| match applied {
+            ReportApplied::Advanced {
+                to, revoked_links, ..
+            } => {
+                tracing::info!(
+                    device = %report.device_id,
+                    deployment = %report.deployment_id,
+                    phase = to.as_str(),
+                    revoked_links,
+                    "device progressed"
+                );
+                ReportOutcome::Applied
             }
-            Outcome::Ignored(reason) => {
+            ReportApplied::Ignored { reason, .. } => {
                 tracing::debug!(
-                    device = %device_id,
+                    device = %report.device_id,
                     deployment = %report.deployment_id,
                     event = report.event.as_str(),
                     reason,
                     "report ignored"
                 );
-                return Ok(ReportOutcome::Ignored);
+                ReportOutcome::Ignored
             }
-        }
-    }
-    Ok(ReportOutcome::Ignored)
+            ReportApplied::UnknownDeployment => ReportOutcome::UnknownDeployment,
+        })
+        .collect())
 }
 
 /// The message answering a report on a deployment that does not target the

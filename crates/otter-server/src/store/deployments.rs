@@ -1,10 +1,10 @@
 //! Deployments and their per-device targets: commit (steps 2–3), the phase
 //! of each device (steps 4–8) and the status views of the API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use otter_proto::api::{DeploymentDevice, DeploymentInfo, DeploymentStatus, Target};
-use otter_proto::deployment::Phase;
+use otter_proto::deployment::{self, Phase};
 use otter_proto::messages::{DeviceEvent, Mode};
 use otter_proto::topics::DeviceId;
 use sqlx::Row;
@@ -58,14 +58,33 @@ pub struct DeliveryTarget {
     pub mode: Option<Mode>,
 }
 
-/// Result of [`Store::advance_target`].
+/// One device report for [`Store::apply_reports`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AdvanceOutcome {
-    /// The phase moved; this many links were revoked with it.
-    Advanced { revoked_links: u64 },
-    /// The phase was no longer `from` (another change won); nothing written.
-    Stale,
+pub struct ReportToApply<'a> {
+    pub deployment_id: &'a str,
+    pub device_id: &'a DeviceId,
+    pub event: DeviceEvent,
+    pub detail: Option<&'a str>,
 }
+
+/// What [`Store::apply_reports`] did with one report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportApplied {
+    /// The deployment does not target the device; nothing written.
+    UnknownDeployment,
+    /// The phase machine refused the event in `phase`; nothing written.
+    Ignored { phase: Phase, reason: &'static str },
+    /// The phase moved; this many links were revoked with it.
+    Advanced {
+        from: Phase,
+        to: Phase,
+        revoked_links: u64,
+    },
+}
+
+/// Devices per phase read of [`Store::apply_reports`], well under
+/// SQLite's parameter limit.
+const PHASE_READ_CHUNK: usize = 500;
 
 impl Store {
     /// Resolves `target` and stores the deployment, its targets (phase
@@ -371,62 +390,149 @@ impl Store {
         Ok(())
     }
 
-    /// Moves a device's phase from `from` to `to` on its report `event`,
-    /// audits `device.<event>`, and when `revoke_link` revokes the device's
-    /// links for the deployment (auditing `link.revoked`), all in one
-    /// transaction. `from` guards against a concurrent change.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn advance_target(
+    /// Applies `reports` in order, in one transaction: for each, the
+    /// target's current phase (as left by the earlier reports of the batch)
+    /// goes through `decide`; an advance updates the phase guarded by the
+    /// phase it was computed from, audits `device.<event>` with the move and
+    /// detail, and when `decide` says so revokes the device's links for the
+    /// deployment (auditing `link.revoked`). The phases are read once per
+    /// deployment of the batch. Returns one result per report, in order.
+    pub async fn apply_reports(
         &self,
-        deployment_id: &str,
-        device_id: &DeviceId,
-        from: Phase,
-        to: Phase,
-        event: DeviceEvent,
-        detail: Option<&str>,
-        revoke_link: bool,
+        reports: &[ReportToApply<'_>],
         at: &str,
-    ) -> Result<AdvanceOutcome, StoreError> {
-        let mut transaction = self.begin_write().await?;
-        let updated = sqlx::query(
-            "UPDATE deployment_targets SET phase = $1, updated_at = $2, detail = $3 \
-             WHERE deployment_id = $4 AND device_id = $5 AND phase = $6",
-        )
-        .bind(to.as_str())
-        .bind(at)
-        .bind(detail)
-        .bind(deployment_id)
-        .bind(device_id.as_str())
-        .bind(from.as_str())
-        .execute(&mut *transaction)
-        .await?;
-        if updated.rows_affected() == 0 {
-            return Ok(AdvanceOutcome::Stale);
+        decide: impl Fn(Phase, DeviceEvent) -> deployment::Outcome,
+    ) -> Result<Vec<ReportApplied>, StoreError> {
+        if reports.is_empty() {
+            return Ok(Vec::new());
         }
-        let actor = Actor::device(device_id);
-        let record = AuditRecord::new(&actor, AuditEvent::Device(event))
-            .device(device_id.as_str())
-            .deployment(deployment_id)
-            .details(serde_json::json!({
-                "from": from.as_str(),
-                "to": to.as_str(),
-                "detail": detail,
-            }));
-        audit::append(&mut transaction, at, &record).await?;
-        let revoked_links = if revoke_link {
-            super::links::revoke_in(
-                &mut transaction,
-                deployment_id,
-                device_id,
-                &Actor::server(),
-                at,
-            )
-            .await?
-        } else {
-            0
-        };
+        let mut transaction = self.begin_write().await?;
+        // Current phase of every (deployment, device) pair of the batch;
+        // a pair absent after the read is not targeted.
+        let mut phases: HashMap<(String, String), Phase> = HashMap::new();
+        let mut wanted: BTreeMap<&str, BTreeSet<&str>> = BTreeMap::new();
+        for report in reports {
+            wanted
+                .entry(report.deployment_id)
+                .or_default()
+                .insert(report.device_id.as_str());
+        }
+        for (deployment_id, device_ids) in &wanted {
+            let device_ids: Vec<&str> = device_ids.iter().copied().collect();
+            for chunk in device_ids.chunks(PHASE_READ_CHUNK) {
+                let sql = format!(
+                    "SELECT device_id, phase FROM deployment_targets \
+                     WHERE deployment_id = $1 AND device_id IN ({})",
+                    super::placeholders(2, chunk.len())
+                );
+                // Safe: `sql` holds only fixed text and placeholders.
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(*deployment_id);
+                for device_id in chunk {
+                    query = query.bind(*device_id);
+                }
+                for row in query.fetch_all(&mut *transaction).await? {
+                    let device_id: String = row.try_get("device_id")?;
+                    let phase = parse_phase(&row.try_get::<String, _>("phase")?)?;
+                    phases.insert(((*deployment_id).to_owned(), device_id), phase);
+                }
+            }
+        }
+
+        let mut results = Vec::with_capacity(reports.len());
+        for report in reports {
+            let key = (
+                report.deployment_id.to_owned(),
+                report.device_id.as_str().to_owned(),
+            );
+            // A lost compare-and-set (possible only on a database without
+            // SQLite's single writer) is recomputed from a fresh read.
+            const ATTEMPTS: usize = 3;
+            let mut result = ReportApplied::UnknownDeployment;
+            for _ in 0..ATTEMPTS {
+                let Some(&from) = phases.get(&key) else {
+                    result = ReportApplied::UnknownDeployment;
+                    break;
+                };
+                let (to, revoke_link) = match decide(from, report.event) {
+                    deployment::Outcome::Advanced { to, revoke_link } => (to, revoke_link),
+                    deployment::Outcome::Ignored(reason) => {
+                        result = ReportApplied::Ignored {
+                            phase: from,
+                            reason,
+                        };
+                        break;
+                    }
+                };
+                let updated = sqlx::query(
+                    "UPDATE deployment_targets SET phase = $1, updated_at = $2, detail = $3 \
+                     WHERE deployment_id = $4 AND device_id = $5 AND phase = $6",
+                )
+                .bind(to.as_str())
+                .bind(at)
+                .bind(report.detail)
+                .bind(report.deployment_id)
+                .bind(report.device_id.as_str())
+                .bind(from.as_str())
+                .execute(&mut *transaction)
+                .await?;
+                if updated.rows_affected() == 0 {
+                    let row = sqlx::query(
+                        "SELECT phase FROM deployment_targets \
+                         WHERE deployment_id = $1 AND device_id = $2",
+                    )
+                    .bind(report.deployment_id)
+                    .bind(report.device_id.as_str())
+                    .fetch_optional(&mut *transaction)
+                    .await?;
+                    match row {
+                        Some(row) => {
+                            let phase = parse_phase(&row.try_get::<String, _>("phase")?)?;
+                            phases.insert(key.clone(), phase);
+                        }
+                        None => {
+                            phases.remove(&key);
+                        }
+                    }
+                    result = ReportApplied::Ignored {
+                        phase: from,
+                        reason: "raced another change",
+                    };
+                    continue;
+                }
+                phases.insert(key.clone(), to);
+                let actor = Actor::device(report.device_id);
+                let record = AuditRecord::new(&actor, AuditEvent::Device(report.event))
+                    .device(report.device_id.as_str())
+                    .deployment(report.deployment_id)
+                    .details(serde_json::json!({
+                        "from": from.as_str(),
+                        "to": to.as_str(),
+                        "detail": report.detail,
+                    }));
+                audit::append(&mut transaction, at, &record).await?;
+                let revoked_links = if revoke_link {
+                    super::links::revoke_in(
+                        &mut transaction,
+                        report.deployment_id,
+                        report.device_id,
+                        &Actor::server(),
+                        at,
+                    )
+                    .await?
+                } else {
+                    0
+                };
+                result = ReportApplied::Advanced {
+                    from,
+                    to,
+                    revoked_links,
+                };
+                break;
+            }
+            results.push(result);
+        }
         transaction.commit().await?;
-        Ok(AdvanceOutcome::Advanced { revoked_links })
+        Ok(results)
     }
 }
 

@@ -20,7 +20,51 @@ pub struct NewLink<'a> {
     pub expires_at: i64,
 }
 
+/// What serving a download needs of the link's release
+/// ([`Store::link_for_download`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DownloadRelease {
+    pub release_id: String,
+    pub blob_key: String,
+    pub artifact_sha256: String,
+}
+
 impl Store {
+    /// The link with this id and what its download needs of the release
+    /// (`None` if the deployment or release is gone), in one query: every
+    /// download starts here, so it costs one read.
+    pub async fn link_for_download(
+        &self,
+        link_id: &LinkId,
+    ) -> Result<Option<(StoredLink, Option<DownloadRelease>)>, StoreError> {
+        let row = sqlx::query(
+            "SELECT l.id AS id, l.deployment_id AS deployment_id, l.device_id AS device_id, \
+             l.expires_at AS expires_at, l.revoked_at AS revoked_at, \
+             r.id AS release_id, r.blob_key AS blob_key, r.artifact_sha256 AS artifact_sha256 \
+             FROM links l \
+             LEFT JOIN deployments d ON d.id = l.deployment_id \
+             LEFT JOIN releases r ON r.id = d.release_id \
+             WHERE l.id = $1",
+        )
+        .bind(link_id.to_hex())
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(row) = row else { return Ok(None) };
+        let link = link_from_row(&row)?;
+        let release_id: Option<String> = row.try_get("release_id")?;
+        let blob_key: Option<String> = row.try_get("blob_key")?;
+        let artifact_sha256: Option<String> = row.try_get("artifact_sha256")?;
+        let release = match (release_id, blob_key, artifact_sha256) {
+            (Some(release_id), Some(blob_key), Some(artifact_sha256)) => Some(DownloadRelease {
+                release_id,
+                blob_key,
+                artifact_sha256,
+            }),
+            _ => None,
+        };
+        Ok(Some((link, release)))
+    }
+
     /// Stores new links of `deployment_id` and their `link.created` audit
     /// rows, all in one transaction: a deployment's devices get their links
     /// in a few transactions rather than one each. A single link is a batch

@@ -28,10 +28,11 @@ use sqlx::{Any, AnyPool, Row, Transaction};
 use crate::audit::{self, AuditRecord};
 
 pub use deployments::{
-    AdvanceOutcome, CreatedDeployment, DeliveryTarget, DeploymentCreation, NotificationTarget,
+    CreatedDeployment, DeliveryTarget, DeploymentCreation, NotificationTarget, ReportApplied,
+    ReportToApply,
 };
 pub use devices::{BatchEnrollOutcome, EnrollOutcome, NewDevice, RegistrationOutcome};
-pub use links::NewLink;
+pub use links::{DownloadRelease, NewLink};
 pub use push::PushProgress;
 pub use releases::{NewRelease, ReleaseInsertOutcome, StoredRelease};
 
