@@ -32,8 +32,10 @@
 //! agent on trial confirms once connected and registered; one started after
 //! a rollback reports `rolled-back`.
 //!
-//! Layout: [`run`] (build everything from the configuration and go), the
-//! [`Agent`] and its event handlers, then the worker tasks.
+//! Layout: this file holds [`run`] (build everything from the configuration
+//! and go), the [`Agent`] and its event handlers; `workers.rs` the worker
+//! tasks, `push_delivery.rs` push mode's offers and chunks, `trial.rs` the
+//! self-update trial (resume at start, confirm on first contact).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -65,6 +67,12 @@ use crate::safe_state::{SafeStatePolicy, SafeStateProbe, probe_for, wait_for_saf
 use crate::self_update::{Marker, MarkerState, MarkerStore, SelfUpdateInstaller};
 use crate::state::{InstalledVersions, StateStore};
 use crate::tls::DeviceTls;
+
+mod push_delivery;
+mod trial;
+mod workers;
+
+use workers::next_outcome;
 
 /// How long shutdown waits for the MQTT DISCONNECT to go out.
 const DISCONNECT_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
@@ -416,97 +424,6 @@ impl Agent {
         self.confirm_self_update(uplink).await
     }
 
-    /// At start: a trial marker makes this process the new agent on trial; a
-    /// rolled-back marker is reported for its deployment (with the previous
-    /// version put back in `installed.json`) and cleared.
-    async fn resume_self_update(&mut self, uplink: &dyn Uplink) -> anyhow::Result<()> {
-        let marker = match self.markers.load() {
-            Ok(marker) => marker,
-            Err(error) => {
-                tracing::error!(%error, "cannot read the self-update marker");
-                None
-            }
-        };
-        let Some(marker) = marker else {
-            return Ok(());
-        };
-        match &marker.state {
-            MarkerState::Trial => {
-                tracing::info!(version = %marker.version, "running as the new agent on trial");
-                self.trial = Some(marker);
-            }
-            MarkerState::RolledBack { reason } => {
-                tracing::warn!(version = %marker.version, %reason, "the self-update was rolled back");
-                if self.installed.get(&marker.package) == Some(&marker.version) {
-                    match &marker.previous_version {
-                        Some(previous) => {
-                            self.installed
-                                .insert(marker.package.clone(), previous.clone());
-                        }
-                        None => {
-                            self.installed.remove(&marker.package);
-                        }
-                    }
-                    self.save_installed().await?;
-                }
-                let this_job = self.job.as_ref().is_some_and(|job| {
-                    job.notification.deployment_id == marker.deployment_id
-                        && !matches!(
-                            job.stage,
-                            Stage::Finished {
-                                event: DeviceEvent::RolledBack,
-                                ..
-                            }
-                        )
-                });
-                if this_job {
-                    self.finish(StepResult::RolledBack(reason.clone()), uplink)
-                        .await?;
-                }
-                self.markers
-                    .remove()
-                    .context("clearing the self-update marker")?;
-            }
-            MarkerState::Staged => {
-                tracing::warn!("a new agent executable is staged but no supervisor swapped it in");
-            }
-            MarkerState::Confirmed => {}
-        }
-        Ok(())
-    }
-
-    /// The trial succeeded: record the version, report `installed`, then
-    /// mark the marker `confirmed` (last, so that a crash before it is
-    /// rolled back and the version put back).
-    async fn confirm_self_update(&mut self, uplink: &dyn Uplink) -> anyhow::Result<()> {
-        let Some(marker) = self.trial.take() else {
-            return Ok(());
-        };
-        let pending = self.job.clone().filter(|job| {
-            job.notification.deployment_id == marker.deployment_id && !job.is_finished()
-        });
-        if let Some(job) = pending {
-            match otter_package::sign::verify_manifest(
-                &job.notification.manifest,
-                &self.trusted_signers,
-            ) {
-                Ok(manifest) => self.complete_install(&manifest, uplink).await?,
-                Err(error) => {
-                    self.finish(
-                        StepResult::Failed(format!("signature check failed: {error}")),
-                        uplink,
-                    )
-                    .await?
-                }
-            }
-        }
-        self.markers
-            .transition(&marker, MarkerState::Confirmed)
-            .context("confirming the self-update")?;
-        tracing::info!(version = %marker.version, "self-update confirmed");
-        Ok(())
-    }
-
     async fn on_message(
         &mut self,
         message: ServerMessage,
@@ -665,19 +582,11 @@ impl Agent {
         if action == Action::Idle {
             return Ok(());
         }
-        let manifest = match otter_package::sign::verify_manifest(
-            &job.notification.manifest,
-            &self.trusted_signers,
-        ) {
+        let manifest = match self.job_manifest(&job) {
             Ok(manifest) => manifest,
-            Err(error) => {
+            Err(reason) => {
                 // Only possible after a restart with other trusted keys.
-                return self
-                    .finish(
-                        StepResult::Failed(format!("signature check failed: {error}")),
-                        uplink,
-                    )
-                    .await;
+                return self.finish(StepResult::Failed(reason), uplink).await;
             }
         };
         if manifest.kind == PackageKind::Agent
@@ -739,10 +648,7 @@ impl Agent {
                     if job.stage == Stage::Downloaded {
                         self.advance(StepResult::InstallStarted, uplink).await?;
                     }
-                    let manifest = otter_package::sign::verify_manifest(
-                        &job.notification.manifest,
-                        &self.trusted_signers,
-                    );
+                    let manifest = self.job_manifest(&job);
                     match manifest {
                         Ok(manifest)
                             if self.installed.get(&manifest.name) == Some(&manifest.version) =>
@@ -753,20 +659,11 @@ impl Agent {
                             Ok(()) => Ok(()),
                             Err(reason) => self.finish(StepResult::Failed(reason), uplink).await,
                         },
-                        Err(error) => {
-                            self.finish(
-                                StepResult::Failed(format!("signature check failed: {error}")),
-                                uplink,
-                            )
-                            .await
-                        }
+                        Err(reason) => self.finish(StepResult::Failed(reason), uplink).await,
                     }
                 }
                 WorkKind::Install => {
-                    match otter_package::sign::verify_manifest(
-                        &job.notification.manifest,
-                        &self.trusted_signers,
-                    ) {
+                    match self.job_manifest(&job) {
                         Ok(manifest) if manifest.kind == PackageKind::Agent => {
                             // Staged: the version is recorded by the new
                             // agent once it confirms, not here.
@@ -779,17 +676,19 @@ impl Agent {
                             Ok(())
                         }
                         Ok(manifest) => self.complete_install(&manifest, uplink).await,
-                        Err(error) => {
-                            self.finish(
-                                StepResult::Failed(format!("signature check failed: {error}")),
-                                uplink,
-                            )
-                            .await
-                        }
+                        Err(reason) => self.finish(StepResult::Failed(reason), uplink).await,
                     }
                 }
             },
         }
+    }
+
+    /// The job's manifest, checked against the pinned signer keys again (the
+    /// keys may have changed across a restart); the error is the reason to
+    /// report.
+    fn job_manifest(&self, job: &Job) -> Result<Manifest, String> {
+        otter_package::sign::verify_manifest(&job.notification.manifest, &self.trusted_signers)
+            .map_err(|error| format!("signature check failed: {error}"))
     }
 
     /// Records the version (before anything else), finishes the job, reports
@@ -884,282 +783,6 @@ impl Agent {
             }
         }
     }
-
-    fn spawn_fetch(&mut self, job: &Job, manifest: Manifest) {
-        let deployment_id = job.notification.deployment_id.clone();
-        let cancel = CancellationToken::new();
-        let (link_sender, link_receiver) = watch::channel(job.notification.link.clone());
-        let data_key = job.notification.data_key.clone();
-        let landing_zone = self.landing_zone.clone();
-        let downloader = self.downloader.clone();
-        let task_cancel = cancel.clone();
-        let task_deployment = deployment_id.clone();
-        let handle = tokio::spawn(async move {
-            let data_key = match DataKey::from_base64(&data_key) {
-                Ok(key) => key,
-                Err(error) => return WorkOutcome::Failed(format!("invalid data key: {error}")),
-            };
-            let files = match landing_zone.prepare(&task_deployment).await {
-                Ok(files) => files,
-                Err(error) => return WorkOutcome::Failed(error.to_string()),
-            };
-            let link = move || link_receiver.borrow().clone();
-            match crate::fetch::fetch(
-                &downloader,
-                &link,
-                &files,
-                &manifest,
-                &data_key,
-                &task_cancel,
-            )
-            .await
-            {
-                Ok(()) => WorkOutcome::Done,
-                Err(error) if error.is_cancelled() => WorkOutcome::Cancelled,
-                Err(error) => WorkOutcome::Failed(error.to_string()),
-            }
-        });
-        self.worker = Some(Worker {
-            deployment_id,
-            kind: WorkKind::Fetch,
-            cancel,
-            link: Some(link_sender),
-            handle,
-        });
-    }
-
-    /// Push mode, while receiving: tells the server how many bytes are
-    /// durably held (it sends from there), or unpacks once all are.
-    async fn answer_push(
-        &mut self,
-        job: &Job,
-        manifest: Manifest,
-        uplink: &dyn Uplink,
-    ) -> anyhow::Result<()> {
-        let deployment_id = job.notification.deployment_id.clone();
-        let files = match self.landing_zone.files(&deployment_id) {
-            Ok(files) => files,
-            Err(error) => {
-                return self
-                    .finish(StepResult::Failed(error.to_string()), uplink)
-                    .await;
-            }
-        };
-        let artifact_part = files.artifact_part.clone();
-        let held = tokio::task::spawn_blocking(move || crate::push::durable_length(&artifact_part))
-            .await
-            .context("landing zone task")?;
-        let held = match held {
-            Ok(held) => held,
-            Err(error) => {
-                return self
-                    .finish(StepResult::Failed(format!("landing zone: {error}")), uplink)
-                    .await;
-            }
-        };
-        if held >= manifest.artifact.size {
-            self.spawn_unpack(job, manifest);
-        } else {
-            log_queue_error(uplink.push_ack(&PushAck {
-                deployment_id,
-                offset: held,
-            }));
-        }
-        Ok(())
-    }
-
-    /// Push mode: a chunk of the current job's artifact arrives. It is
-    /// written only where `artifact.part` ends (`crate::push`), synced, and
-    /// acknowledged; the last one starts the check and unpack.
-    async fn on_chunk(&mut self, payload: Bytes, uplink: &dyn Uplink) -> anyhow::Result<()> {
-        let (deployment_id, offset, data) = match PushChunk::decode(&payload) {
-            Ok(chunk) => {
-                // The data is the tail of the payload: share it, no copy.
-                let start = payload.len().saturating_sub(chunk.data.len());
-                (
-                    chunk.deployment_id.to_owned(),
-                    chunk.offset,
-                    payload.slice(start..),
-                )
-            }
-            Err(error) => {
-                tracing::warn!(%error, "ignoring a malformed push chunk");
-                return Ok(());
-            }
-        };
-        let Some(job) = self.job.clone().filter(|job| {
-            job.notification.deployment_id == deployment_id
-                && !job.delivery.is_link()
-                && job.stage == Stage::Received
-        }) else {
-            tracing::debug!(deployment = %deployment_id, offset, "dropping a chunk no push job waits for");
-            return Ok(());
-        };
-        if self.worker.is_some() {
-            // Complete already: the unpack runs.
-            return Ok(());
-        }
-        let manifest = match otter_package::sign::verify_manifest(
-            &job.notification.manifest,
-            &self.trusted_signers,
-        ) {
-            Ok(manifest) => manifest,
-            Err(error) => {
-                return self
-                    .finish(
-                        StepResult::Failed(format!("signature check failed: {error}")),
-                        uplink,
-                    )
-                    .await;
-            }
-        };
-        let files = match self.landing_zone.files(&deployment_id) {
-            Ok(files) => files,
-            Err(error) => {
-                return self
-                    .finish(StepResult::Failed(error.to_string()), uplink)
-                    .await;
-            }
-        };
-        let size = manifest.artifact.size;
-        let written = tokio::task::spawn_blocking(move || {
-            crate::push::append_chunk(&files, size, offset, &data)
-        })
-        .await
-        .context("landing zone task")?;
-        let written = match written {
-            Ok(written) => written,
-            Err(error) => {
-                return self
-                    .finish(StepResult::Failed(format!("landing zone: {error}")), uplink)
-                    .await;
-            }
-        };
-        match written.decision {
-            // A duplicate is acknowledged too: the server may have missed
-            // the acknowledgement that made it one.
-            ChunkDecision::Append { .. } | ChunkDecision::Duplicate => {
-                log_queue_error(uplink.push_ack(&PushAck {
-                    deployment_id,
-                    offset: written.held,
-                }));
-            }
-            ChunkDecision::Gap | ChunkDecision::Oversized => {
-                tracing::debug!(deployment = %deployment_id, offset, held = written.held, decision = ?written.decision, "dropping a push chunk");
-            }
-        }
-        if written.held >= size {
-            tracing::info!(deployment = %job.notification.deployment_id, bytes = written.held, "pushed artifact complete");
-            self.spawn_unpack(&job, manifest);
-        }
-        Ok(())
-    }
-
-    /// Push mode's step 6 once every byte arrived: the same check and
-    /// unpack as after a download.
-    fn spawn_unpack(&mut self, job: &Job, manifest: Manifest) {
-        let deployment_id = job.notification.deployment_id.clone();
-        let cancel = CancellationToken::new();
-        let data_key = job.notification.data_key.clone();
-        let landing_zone = self.landing_zone.clone();
-        let task_cancel = cancel.clone();
-        let task_deployment = deployment_id.clone();
-        let handle = tokio::spawn(async move {
-            let data_key = match DataKey::from_base64(&data_key) {
-                Ok(key) => key,
-                Err(error) => return WorkOutcome::Failed(format!("invalid data key: {error}")),
-            };
-            let files = match landing_zone.prepare(&task_deployment).await {
-                Ok(files) => files,
-                Err(error) => return WorkOutcome::Failed(error.to_string()),
-            };
-            match crate::fetch::verify_and_unpack(&files, &manifest, &data_key, &task_cancel).await
-            {
-                Ok(()) => WorkOutcome::Done,
-                Err(error) if error.is_cancelled() => WorkOutcome::Cancelled,
-                Err(error) => WorkOutcome::Failed(error.to_string()),
-            }
-        });
-        self.worker = Some(Worker {
-            deployment_id,
-            kind: WorkKind::Fetch,
-            cancel,
-            link: None,
-            handle,
-        });
-    }
-
-    fn spawn_safe_state_wait(&mut self, job: &Job) {
-        let cancel = CancellationToken::new();
-        let probe = self.handlers.safe_state.clone();
-        let policy = self.safe_state_policy.clone();
-        let task_cancel = cancel.clone();
-        let handle = tokio::spawn(async move {
-            match wait_for_safe_state(probe.as_ref(), &policy, &task_cancel).await {
-                Ok(()) => WorkOutcome::Done,
-                Err(crate::safe_state::SafeStateError::Cancelled) => WorkOutcome::Cancelled,
-                Err(error) => WorkOutcome::Failed(error.to_string()),
-            }
-        });
-        self.worker = Some(Worker {
-            deployment_id: job.notification.deployment_id.clone(),
-            kind: WorkKind::AwaitSafeState,
-            cancel,
-            link: None,
-            handle,
-        });
-    }
-
-    /// Starts the installer; `Err` when the payload path cannot be formed.
-    fn spawn_install(&mut self, job: &Job, manifest: &Manifest) -> Result<(), String> {
-        let deployment_id = job.notification.deployment_id.clone();
-        let payload = self
-            .landing_zone
-            .files(&deployment_id)
-            .map_err(|e| e.to_string())?
-            .payload;
-        let request = InstallRequest {
-            deployment_id: deployment_id.clone(),
-            name: manifest.name.clone(),
-            version: manifest.version.clone(),
-            kind: manifest.kind,
-            payload,
-        };
-        let installer = self.installer_for(manifest);
-        let cancel = CancellationToken::new();
-        let task_cancel = cancel.clone();
-        tracing::info!(release = %manifest.release_id(), handler = installer.name(), "installing");
-        let handle = tokio::spawn(async move {
-            tokio::select! {
-                result = installer.install(&request) => match result {
-                    Ok(()) => WorkOutcome::Done,
-                    Err(error) => WorkOutcome::Failed(format!("install failed: {error}")),
-                },
-                // Stage Installing is persisted: the next start installs again.
-                () = task_cancel.cancelled() => WorkOutcome::Cancelled,
-            }
-        });
-        self.worker = Some(Worker {
-            deployment_id,
-            kind: WorkKind::Install,
-            cancel,
-            link: None,
-            handle,
-        });
-        Ok(())
-    }
-}
-
-/// The next worker outcome; pending forever when no worker runs.
-async fn next_outcome(worker: &mut Option<Worker>) -> (WorkKind, String, WorkOutcome) {
-    let Some(worker) = worker.as_mut() else {
-        return std::future::pending().await;
-    };
-    let outcome = match (&mut worker.handle).await {
-        Ok(outcome) => outcome,
-        Err(error) => WorkOutcome::Failed(format!("internal error in the worker: {error}")),
-    };
-    (worker.kind, worker.deployment_id.clone(), outcome)
 }
 
 fn log_queue_error(result: Result<(), crate::mqtt::MqttError>) {
