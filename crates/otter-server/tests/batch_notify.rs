@@ -8,27 +8,25 @@
 //! phase moved to notified; and that pull devices and devices that never
 //! registered get nothing (they wait for their poll or registration).
 
-use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+mod engine_support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use otter_proto::api::{Channel, ReleaseInfo, Target};
+use engine_support::{RecordingBus, registration, stub_release};
+use otter_proto::api::{Channel, Target};
 use otter_proto::deployment::Phase;
-use otter_proto::manifest::{PackageKind, SignedManifest};
-use otter_proto::messages::{Mode, Registration, ServerMessage, decode};
+use otter_proto::messages::{Mode, ServerMessage, decode};
 use otter_proto::topics::{DeviceId, DeviceTopic};
 use otter_server::audit::Actor;
 use otter_server::blobs::BlobStore;
-use otter_server::broker::{BrokerError, MessageBus};
+use otter_server::broker::MessageBus;
 use otter_server::engine::{Engine, EngineCommand, NOTIFY_BATCH};
 use otter_server::links::LinkSecret;
 use otter_server::notify::Notifier;
 use otter_server::push::{PushSettings, Pusher};
-use otter_server::store::{
-    AuditFilter, CreatedDeployment, DeploymentCreation, NewDevice, NewRelease, Store,
-};
+use otter_server::store::{AuditFilter, CreatedDeployment, DeploymentCreation, NewDevice, Store};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -37,43 +35,8 @@ const PUSH_PULL_DEVICES: usize = NOTIFY_BATCH * 2 + 37;
 const PULL_DEVICES: usize = 10;
 const UNREGISTERED_DEVICES: usize = 5;
 
-/// Records every publish; every device has a session.
-#[derive(Default)]
-struct RecordingBus {
-    published: Mutex<Vec<(DeviceId, DeviceTopic, Vec<u8>)>>,
-}
-
-impl MessageBus for RecordingBus {
-    fn publish<'a>(
-        &'a self,
-        device_id: &'a DeviceId,
-        topic: DeviceTopic,
-        payload: Vec<u8>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + 'a>> {
-        Box::pin(async move {
-            // A poisoned lock means another test thread panicked already.
-            self.published
-                .lock()
-                .unwrap()
-                .push((device_id.clone(), topic, payload));
-            Ok(())
-        })
-    }
-}
-
 fn device(index: usize, kind: &str) -> DeviceId {
     DeviceId::parse(&format!("{kind}-{index:05}")).unwrap()
-}
-
-fn registration(mode: Mode) -> Registration {
-    Registration {
-        protocol: otter_proto::PROTOCOL_VERSION,
-        hardware: "board-a".to_owned(),
-        installed: BTreeMap::new(),
-        agent_version: "0.1.0".to_owned(),
-        mode,
-        capabilities: vec!["file".to_owned()],
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -85,28 +48,7 @@ async fn deployment_to_many_devices_is_notified_in_batches() {
     let operator = Actor::operator("admin");
     let at = otter_server::clock::now_rfc3339();
 
-    let release = NewRelease {
-        info: ReleaseInfo {
-            id: "app@1.0.0".to_owned(),
-            name: "app".to_owned(),
-            version: semver::Version::new(1, 0, 0),
-            kind: PackageKind::Application,
-            hardware: vec!["board-a".to_owned()],
-            payload_size: 10,
-            artifact_size: 20,
-            payload_sha256: "00".repeat(32),
-            manifest: SignedManifest {
-                manifest: "{\"name\":\"app\"}".to_owned(),
-                signer: "signer".to_owned(),
-                signature: "signature".to_owned(),
-            },
-            uploaded_at: at.clone(),
-            uploaded_by: "admin".to_owned(),
-        },
-        artifact_sha256: "11".repeat(32),
-        data_key: "data-key".to_owned(),
-        blob_key: "22".repeat(32),
-    };
+    let release = stub_release(&at);
     store.insert_release(&release, &operator).await.unwrap();
 
     let push_pull: Vec<DeviceId> = (0..PUSH_PULL_DEVICES).map(|i| device(i, "pp")).collect();

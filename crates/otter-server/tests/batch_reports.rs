@@ -12,71 +12,32 @@
 //! `link.revoked` row) exactly when a transition said so; and that the bad
 //! reports were answered.
 
-use std::collections::{BTreeMap, HashMap};
-use std::future::Future;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+mod engine_support;
+
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use otter_proto::api::{Channel, ReleaseInfo, Target};
+use engine_support::{RecordingBus, registration, stub_release};
+use otter_proto::api::{Channel, Target};
 use otter_proto::deployment::{self, Outcome, Phase};
-use otter_proto::manifest::{PackageKind, SignedManifest};
-use otter_proto::messages::{
-    DeviceEvent, Mode, Registration, ServerMessage, StatusReport, decode, encode,
-};
+use otter_proto::messages::{DeviceEvent, Mode, ServerMessage, StatusReport, decode, encode};
 use otter_proto::topics::{DeviceId, DeviceTopic};
 use otter_server::audit::Actor;
 use otter_server::blobs::BlobStore;
-use otter_server::broker::{BrokerError, BrokerEvent, MessageBus};
+use otter_server::broker::{BrokerEvent, MessageBus};
 use otter_server::engine::{EVENT_BATCH, Engine};
 use otter_server::links::{LinkId, LinkSecret};
 use otter_server::notify::Notifier;
 use otter_server::push::{PushSettings, Pusher};
-use otter_server::store::{
-    AuditFilter, CreatedDeployment, DeploymentCreation, NewDevice, NewRelease, Store,
-};
+use otter_server::store::{AuditFilter, CreatedDeployment, DeploymentCreation, NewDevice, Store};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const DEVICES: usize = 300;
 /// Reports per device in the burst.
 const REPORTS_PER_DEVICE: usize = 5;
-
-/// Records every publish; every device has a session.
-#[derive(Default)]
-struct RecordingBus {
-    published: Mutex<Vec<(DeviceId, DeviceTopic, Vec<u8>)>>,
-}
-
-impl MessageBus for RecordingBus {
-    fn publish<'a>(
-        &'a self,
-        device_id: &'a DeviceId,
-        topic: DeviceTopic,
-        payload: Vec<u8>,
-    ) -> Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + 'a>> {
-        Box::pin(async move {
-            // A poisoned lock means another test thread panicked already.
-            self.published
-                .lock()
-                .unwrap()
-                .push((device_id.clone(), topic, payload));
-            Ok(())
-        })
-    }
-}
-
-fn registration() -> Registration {
-    Registration {
-        protocol: otter_proto::PROTOCOL_VERSION,
-        hardware: "board-a".to_owned(),
-        installed: BTreeMap::new(),
-        agent_version: "0.1.0".to_owned(),
-        mode: Mode::PushPull,
-        capabilities: vec!["file".to_owned()],
-    }
-}
 
 fn status(device_id: &DeviceId, report: &StatusReport) -> BrokerEvent {
     BrokerEvent::Message {
@@ -120,28 +81,7 @@ async fn a_burst_of_reports_is_applied_as_one_by_one() {
         .unwrap();
     let operator = Actor::operator("admin");
     let at = otter_server::clock::now_rfc3339();
-    let release = NewRelease {
-        info: ReleaseInfo {
-            id: "app@1.0.0".to_owned(),
-            name: "app".to_owned(),
-            version: semver::Version::new(1, 0, 0),
-            kind: PackageKind::Application,
-            hardware: vec!["board-a".to_owned()],
-            payload_size: 10,
-            artifact_size: 20,
-            payload_sha256: "00".repeat(32),
-            manifest: SignedManifest {
-                manifest: "{\"name\":\"app\"}".to_owned(),
-                signer: "signer".to_owned(),
-                signature: "signature".to_owned(),
-            },
-            uploaded_at: at.clone(),
-            uploaded_by: "admin".to_owned(),
-        },
-        artifact_sha256: "11".repeat(32),
-        data_key: "data-key".to_owned(),
-        blob_key: "22".repeat(32),
-    };
+    let release = stub_release(&at);
     store.insert_release(&release, &operator).await.unwrap();
     let devices: Vec<DeviceId> = (0..DEVICES)
         .map(|i| DeviceId::parse(&format!("dev-{i:05}")).unwrap())
@@ -162,7 +102,13 @@ async fn a_burst_of_reports_is_applied_as_one_by_one() {
         .unwrap();
     for device_id in &devices {
         store
-            .record_registration(device_id, &registration(), Channel::Mqtt, &at, &at)
+            .record_registration(
+                device_id,
+                &registration(Mode::PushPull),
+                Channel::Mqtt,
+                &at,
+                &at,
+            )
             .await
             .unwrap();
     }
@@ -220,7 +166,7 @@ async fn a_burst_of_reports_is_applied_as_one_by_one() {
                     burst.push(BrokerEvent::Message {
                         device_id: (*device_id).clone(),
                         topic: DeviceTopic::Register,
-                        payload: Bytes::from(encode(&registration())),
+                        payload: Bytes::from(encode(&registration(Mode::PushPull))),
                     });
                 }
             }
