@@ -92,6 +92,10 @@ impl Downloader {
             // A link is a capability for one URL; following a redirect would
             // send the device's certificate somewhere the server did not name.
             .redirect(reqwest::redirect::Policy::none())
+            // Downloads are days apart: a connection kept open after one
+            // only holds a socket on both ends (and a file descriptor per
+            // device on the server) until the idle timeout closes it.
+            .pool_max_idle_per_host(0)
             .connect_timeout(CONNECT_TIMEOUT)
             .read_timeout(READ_TIMEOUT)
             .build()

@@ -20,6 +20,7 @@
 //! after every connection anyway.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -29,7 +30,7 @@ use rumqttc::{
     AsyncClient, Event, EventLoop, MqttOptions, NetworkOptions, Outgoing, Packet, QoS,
     SubscribeReasonCode, TlsConfiguration, Transport,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 use tokio::task::JoinHandle;
 
 use crate::backoff::Backoff;
@@ -128,6 +129,24 @@ pub struct MqttSession {
     register_topic: String,
     status_topic: String,
     ack_topic: String,
+    delivery: Arc<Delivery>,
+}
+
+/// How many QoS 1 publishes the session queued and how many the broker
+/// acknowledged, so [`MqttSession::close`] can wait for the last reports.
+#[derive(Debug, Default)]
+struct Delivery {
+    queued: AtomicU64,
+    acknowledged: AtomicU64,
+    progress: Notify,
+}
+
+impl Delivery {
+    fn unacknowledged(&self) -> u64 {
+        self.queued
+            .load(Ordering::Acquire)
+            .saturating_sub(self.acknowledged.load(Ordering::Acquire))
+    }
 }
 
 impl MqttSession {
@@ -157,12 +176,20 @@ impl MqttSession {
             notify: device_topic(device_id, DeviceTopic::Notify),
             chunk: device_topic(device_id, DeviceTopic::Chunk),
         };
-        let task = tokio::spawn(drive(event_loop, client.clone(), topics, events));
+        let delivery = Arc::new(Delivery::default());
+        let task = tokio::spawn(drive(
+            event_loop,
+            client.clone(),
+            topics,
+            events,
+            Arc::clone(&delivery),
+        ));
         let session = MqttSession {
             client,
             register_topic: device_topic(device_id, DeviceTopic::Register),
             status_topic: device_topic(device_id, DeviceTopic::Status),
             ack_topic: device_topic(device_id, DeviceTopic::Ack),
+            delivery,
         };
         (session, receiver, task)
     }
@@ -194,11 +221,38 @@ impl MqttSession {
             .map_err(|e| MqttError::Queue {
                 topic: topic.to_owned(),
                 reason: e.to_string(),
-            })
+            })?;
+        self.delivery.queued.fetch_add(1, Ordering::AcqRel);
+        Ok(())
     }
 
-    /// Asks the event loop to send DISCONNECT; the task ends once it has.
-    pub fn disconnect(&self) {
+    /// Waits (at most `grace`) until the broker has acknowledged every
+    /// message queued so far, then asks the event loop to send DISCONNECT;
+    /// the task ends once it has.
+    ///
+    /// The wait matters more than it looks: the agent usually exits right
+    /// after (a restart, a self-update hand-over), and a socket closed with
+    /// unread bytes in it (a PUBACK on its way) is reset, not closed, and a
+    /// peer that gets a reset may drop what it had received but not yet
+    /// read, such as the last status report.
+    pub async fn close(&self, grace: Duration) {
+        let deadline = tokio::time::Instant::now() + grace;
+        loop {
+            // Registered before the check, so an acknowledgement in between
+            // still wakes us.
+            let progress = self.delivery.progress.notified();
+            let pending = self.delivery.unacknowledged();
+            if pending == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, progress).await.is_err() {
+                tracing::warn!(
+                    unacknowledged = pending,
+                    "closing the MQTT session before the broker acknowledged every message"
+                );
+                break;
+            }
+        }
         if let Err(e) = self.client.try_disconnect() {
             tracing::debug!(error = %e, "cannot queue MQTT disconnect");
         }
@@ -218,6 +272,7 @@ async fn drive(
     client: AsyncClient,
     topics: InboundTopics,
     events: mpsc::Sender<MqttEvent>,
+    delivery: Arc<Delivery>,
 ) {
     let mut backoff = Backoff::new(RECONNECT_INITIAL_BACKOFF, RECONNECT_MAX_BACKOFF);
     loop {
@@ -242,6 +297,11 @@ async fn drive(
                     }
                 }
                 Some(MqttEvent::Connected)
+            }
+            Event::Incoming(Packet::PubAck(_)) => {
+                delivery.acknowledged.fetch_add(1, Ordering::AcqRel);
+                delivery.progress.notify_waiters();
+                None
             }
             Event::Incoming(Packet::SubAck(suback)) => {
                 if suback

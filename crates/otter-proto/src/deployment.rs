@@ -105,8 +105,11 @@ pub fn apply(phase: Phase, event: DeviceEvent) -> Outcome {
     if !to.is_terminal() && to <= phase {
         return Outcome::Ignored("phase already reached");
     }
-    // A rollback is only meaningful once something was installed or installing.
-    if to == Phase::RolledBack && phase < Phase::Installing {
+    // A rollback means an install was attempted, so it is accepted from
+    // `downloaded` on even if the `installing` report was lost on the way
+    // (the device may have restarted into its old version before sending
+    // it); before the download it can only be a confused device.
+    if to == Phase::RolledBack && phase < Phase::Downloaded {
         return Outcome::Ignored("rollback reported before installing");
     }
     Outcome::Advanced {
@@ -165,6 +168,7 @@ mod tests {
             (P::Received, E::Failed, Some((P::Failed, true))),
             (P::Installing, E::RolledBack, Some((P::RolledBack, true))),
             (P::Received, E::RolledBack, None),
+            (P::Downloaded, E::RolledBack, Some((P::RolledBack, true))),
             (P::Installed, E::Installed, None),
             (P::Installed, E::Failed, None),
             (P::Failed, E::Installed, None),

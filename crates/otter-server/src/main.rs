@@ -105,6 +105,12 @@ fn main() -> ExitCode {
     // ring is also compiled into the tree (through rmqtt and rumqttc), so
     // rustls cannot pick a provider by itself.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    // Every device holds a connection: a soft limit of 1024 (many systems'
+    // default) would cap the fleet long before memory does.
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open-files limit"),
+        Err(error) => tracing::warn!(%error, "cannot raise the open-files limit"),
+    }
 
     let config = ServerConfig {
         public_hosts: flags.public_host,

@@ -112,13 +112,22 @@ impl Drop for Fleet {
     }
 }
 
-/// Open files one device of `mode` may hold at once: its MQTT connection,
-/// its poll connection, a download connection.
+/// Open files one idle device of `mode` holds: its MQTT connection, or its
+/// pooled poll connection. A download adds one for its duration only (the
+/// agent keeps no download connection open afterwards), so a fleet that
+/// fits idle fits a deployment too unless nearly every device downloads at
+/// the same instant; one that would not is warned about.
 fn files_per_device(mode: Mode) -> u64 {
     match mode {
+        Mode::Push | Mode::Pull | Mode::PushPull => 1,
+    }
+}
+
+/// Worst case: every device downloading at once.
+fn files_per_device_at_peak(mode: Mode) -> u64 {
+    match mode {
         Mode::Push => 1,
-        Mode::Pull => 2,
-        Mode::PushPull => 2,
+        Mode::Pull | Mode::PushPull => 2,
     }
 }
 
@@ -146,6 +155,16 @@ impl Fleet {
                 needed,
                 limit,
             });
+        }
+        let at_peak =
+            enrolled.len() as u64 * files_per_device_at_peak(config.mode) + FILES_RESERVED;
+        if at_peak > limit {
+            tracing::warn!(
+                devices = enrolled.len(),
+                at_peak,
+                limit,
+                "if nearly every device downloads at the same moment, some downloads will fail to connect and retry"
+            );
         }
         let shared = SharedFiles {
             ca: config.work_dir.join("ca.crt"),

@@ -149,7 +149,7 @@ pub async fn run_with_handlers(
         }
         _ => agent.run(events, &session, shutdown).await,
     };
-    session.disconnect();
+    session.close(DISCONNECT_GRACE).await;
     let mut connection = connection;
     if tokio::time::timeout(DISCONNECT_GRACE, &mut connection)
         .await

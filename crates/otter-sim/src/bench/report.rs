@@ -99,6 +99,20 @@ pub struct ModeResult {
     pub server_peak_rss_bytes: u64,
     /// Seconds after commit at which each device installed, sorted.
     pub installed_curve: Vec<f64>,
+    /// The server restarted under the connected fleet (MQTT modes only).
+    pub reconnect: Option<ReconnectStorm>,
+}
+
+/// A server restart under a connected fleet: how long until every device
+/// registered again.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct ReconnectStorm {
+    /// From the new server process's start to the last re-registration.
+    pub secs_after_start: f64,
+    /// From the SIGTERM to the old process to the last re-registration.
+    pub secs_after_stop: f64,
+    /// Devices that registered again (all of them unless it timed out).
+    pub reregistered: usize,
 }
 
 /// A baseline figure and Otter's figure beside it.
@@ -245,6 +259,18 @@ pub fn markdown(results: &BenchResults) -> String {
     row("idle: server bytes per device-hour", &|m| {
         optional(m.idle.server_bytes_per_device_hour, bytes)
     });
+    row(
+        "restart: all re-registered after start / stop",
+        &|m| match m.reconnect {
+            Some(storm) if storm.reregistered == m.devices => format!(
+                "{} / {}",
+                seconds(storm.secs_after_start),
+                seconds(storm.secs_after_stop)
+            ),
+            Some(storm) => format!("only {} of {}", storm.reregistered, m.devices),
+            None => "n/a (no session)".to_owned(),
+        },
+    );
 
     let _ = writeln!(
         out,
@@ -426,6 +452,7 @@ mod tests {
             server_cpu_seconds: 0.5,
             server_peak_rss_bytes: 50 << 20,
             installed_curve: curve,
+            reconnect: None,
         }
     }
 

@@ -4,6 +4,8 @@
 //! reaches them, one `--public-host` per address devices use (the server
 //! certificate must name each), and the benchmark's signing key trusted.
 //! Stopped with SIGTERM (graceful) when the mode is done, SIGKILL on drop.
+//! [`ServerProcess::restart`] starts it again on the same data folder and
+//! the same ports, so the devices' sessions find it again.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -46,19 +48,55 @@ pub struct ServerProcess {
 }
 
 impl ServerProcess {
+    /// Starts a server on free ports.
     pub fn start(launch: &ServerLaunch) -> anyhow::Result<ServerProcess> {
+        Self::start_on(launch, None)
+    }
+
+    /// Stops the server gracefully and starts it again on the same data
+    /// folder and ports; answers the new process and when it was started.
+    pub fn restart(self, launch: &ServerLaunch) -> anyhow::Result<(ServerProcess, Instant)> {
+        let endpoints = self.endpoints;
+        self.stop()?;
+        let started = Instant::now();
+        let server = Self::start_on(launch, Some(endpoints))?;
+        Ok((server, started))
+    }
+
+    fn start_on(launch: &ServerLaunch, ports: Option<Endpoints>) -> anyhow::Result<ServerProcess> {
         std::fs::create_dir_all(&launch.data_dir)
             .with_context(|| format!("creating {}", launch.data_dir.display()))?;
-        let log = std::fs::File::create(&launch.log_file)
-            .with_context(|| format!("creating {}", launch.log_file.display()))?;
+        // A restart appends to the first start's log.
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(ports.is_some())
+            .write(true)
+            .truncate(ports.is_none())
+            .open(&launch.log_file)
+            .with_context(|| format!("opening {}", launch.log_file.display()))?;
+        let endpoints_path = launch.data_dir.join("endpoints.json");
+        // A previous run's file would read as this one being ready.
+        match std::fs::remove_file(&endpoints_path) {
+            Ok(()) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => {
+                return Err(error)
+                    .with_context(|| format!("removing {}", endpoints_path.display()));
+            }
+        }
+        let port =
+            |pick: fn(&Endpoints) -> SocketAddr| ports.as_ref().map_or(0, |e| pick(e).port());
         let hosts: Vec<String> = launch.public_hosts.iter().map(IpAddr::to_string).collect();
         let mut command = Command::new(&launch.binary);
         command
             .arg("--data-dir")
             .arg(&launch.data_dir)
-            .args(["--api-addr", "127.0.0.1:0"])
-            .args(["--device-addr", "0.0.0.0:0"])
-            .args(["--mqtt-addr", "0.0.0.0:0"])
+            .arg("--api-addr")
+            .arg(format!("127.0.0.1:{}", port(|e| e.api)))
+            .arg("--device-addr")
+            .arg(format!("0.0.0.0:{}", port(|e| e.device)))
+            .arg("--mqtt-addr")
+            .arg(format!("0.0.0.0:{}", port(|e| e.mqtt)))
             .arg("--trusted-signer")
             .arg(&launch.trusted_signer)
             .args(&launch.extra_args)
@@ -72,7 +110,6 @@ impl ServerProcess {
         let mut child = command
             .spawn()
             .with_context(|| format!("starting {}", launch.binary.display()))?;
-        let endpoints_path = launch.data_dir.join("endpoints.json");
         let deadline = Instant::now() + START_TIMEOUT;
         let endpoints = loop {
             if let Some(status) = child.try_wait().context("watching the server")? {
