@@ -42,8 +42,41 @@ impl Backoff {
     }
 }
 
+/// I/O errors that resolve themselves once load drops (out of file
+/// descriptors or memory, an interrupted call): worth retrying.
+pub fn is_transient_io(error: &std::io::Error) -> bool {
+    const EINTR: i32 = 4;
+    const EAGAIN: i32 = 11;
+    const ENOMEM: i32 = 12;
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(
+        error.raw_os_error(),
+        Some(EINTR | EAGAIN | ENOMEM | ENFILE | EMFILE)
+    ) || error.kind() == std::io::ErrorKind::Interrupted
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_resource_shortages_are_transient() {
+        for errno in [4, 11, 12, 23, 24] {
+            assert!(
+                is_transient_io(&std::io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        // EACCES, ENOENT, ENOSPC, EROFS: retrying changes nothing.
+        for errno in [13, 2, 28, 30] {
+            assert!(
+                !is_transient_io(&std::io::Error::from_raw_os_error(errno)),
+                "{errno}"
+            );
+        }
+        assert!(!is_transient_io(&std::io::Error::other("x")));
+    }
+
     use super::*;
 
     #[test]

@@ -239,12 +239,22 @@ impl Downloader {
             path: destination.to_owned(),
             source,
         };
-        let mut file = tokio::fs::OpenOptions::new()
+        let mut file = match tokio::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(destination)
             .await
-            .map_err(local)?;
+        {
+            Ok(file) => file,
+            // Out of descriptors for a moment: the retry's backoff waits it out.
+            Err(error) if crate::backoff::is_transient_io(&error) => {
+                return Ok(AttemptEnd::Retry {
+                    progress: false,
+                    error: format!("opening {}: {error}", destination.display()),
+                });
+            }
+            Err(error) => return Err(local(error)),
+        };
         let mut length = start;
         let mut progress = false;
         let end = loop {

@@ -52,7 +52,7 @@ use tokio_util::io::ReaderStream;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
-use crate::audit::{Actor, AuditEvent, AuditRecord};
+use crate::audit::{Actor, AuditEvent, AuditQueue, AuditRecord};
 use crate::blobs::{BlobKey, BlobStore};
 use crate::clock;
 use crate::engine::{self, ReportOutcome};
@@ -111,6 +111,8 @@ pub struct PeerDevice(pub DeviceId);
 #[derive(Clone)]
 pub struct DeviceEndpointState {
     pub store: Store,
+    /// Audit rows of downloads and refused links (see [`AuditQueue`]).
+    pub audit: AuditQueue,
     pub blobs: BlobStore,
     pub link_secret: Arc<LinkSecret>,
     /// Makes the links and notifications a poll answers with.
@@ -337,10 +339,7 @@ async fn download(
                     "link_id": stored.link_id.to_hex(),
                     "link_device": stored.device_id,
                 }));
-            state
-                .store
-                .append_audit(&clock::now_rfc3339(), &record)
-                .await?;
+            state.audit.record(clock::now_rfc3339(), &record).await;
             tracing::info!(device = %device_id, link = %stored.link_id.to_hex(), reason = refusal.code(), "download refused");
         }
         return Err(refusal_error(refusal));
@@ -399,10 +398,7 @@ async fn download(
             "bytes": length,
             "size": size,
         }));
-    state
-        .store
-        .append_audit(&clock::now_rfc3339(), &record)
-        .await?;
+    state.audit.record(clock::now_rfc3339(), &record).await;
 
     let reader = state.blobs.open_range(&blob_key, start, length).await?;
     let body = CountedDownload::new(

@@ -247,6 +247,7 @@ impl Store {
 
     /// Updates the time of the last sign of life of a device.
     pub async fn touch_device(&self, device_id: &DeviceId, at: &str) -> Result<(), StoreError> {
+        let _gate = self.write_gate().await;
         sqlx::query("UPDATE devices SET last_seen = $1 WHERE id = $2")
             .bind(at)
             .bind(device_id.as_str())
@@ -291,7 +292,7 @@ fn device_from_row(row: &AnyRow, tags: Vec<String>) -> Result<DeviceInfo, StoreE
 /// Inserts one device, its tags and its audit row in `transaction`; leaves
 /// committing to the caller.
 async fn insert_device(
-    transaction: &mut sqlx::Transaction<'static, sqlx::Any>,
+    transaction: &mut super::WriteTransaction,
     device: &NewDevice,
     actor: &Actor,
     at: &str,

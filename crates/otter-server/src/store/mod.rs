@@ -7,6 +7,16 @@
 //! migrations folder and the few backend differences kept in [`Backend`].
 //! Multi-row changes run in one transaction together with their audit rows.
 //!
+//! SQLite lets one connection write at a time, and a connection that finds
+//! the database locked sleeps and retries (the busy handler: 1, 2, 5 … 100
+//! ms). Under load that polling wasted whole seconds: with a thousand
+//! downloads each auditing itself, a batch of notifications waited up to
+//! 15 s for the lock. So writers queue in the process instead, on one fair
+//! lock taken before a connection is checked out ([`WriteTransaction`],
+//! [`Store::write_gate`]), and the device endpoint reads from its own pool
+//! ([`Store::for_device_endpoint`]) so that a burst of downloads does not
+//! hold every connection the engine and the API need.
+//!
 //! Layout: this file opens the pool, runs migrations and holds operator
 //! tokens and the audit query; `devices`, `releases`, `deployments` and
 //! `links` hold the methods of each table group, `push` the progress of
@@ -20,10 +30,12 @@ mod releases;
 
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use otter_proto::api::AuditEntry;
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
-use sqlx::{Any, AnyPool, Row, Transaction};
+use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
+use tokio::sync::{Mutex, OwnedMutexGuard};
 
 use crate::audit::{self, AuditRecord};
 
@@ -102,9 +114,46 @@ pub struct AuditFilter {
 /// Handle on the database; cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Store {
+    /// The pool this handle reads from (see [`Store::for_device_endpoint`]).
     pool: AnyPool,
+    /// The device endpoint's pool, kept apart from the engine's and API's.
+    device_pool: AnyPool,
     backend: Backend,
+    /// Held for the whole of every write (see the module docs).
+    write_gate: Arc<Mutex<()>>,
 }
+
+/// A write transaction and the write gate it holds until it ends. Derefs to
+/// the connection, so queries run on `&mut *transaction`.
+pub(crate) struct WriteTransaction {
+    transaction: Transaction<'static, Any>,
+    _gate: OwnedMutexGuard<()>,
+}
+
+impl WriteTransaction {
+    pub(crate) async fn commit(self) -> Result<(), sqlx::Error> {
+        self.transaction.commit().await
+    }
+}
+
+impl std::ops::Deref for WriteTransaction {
+    type Target = AnyConnection;
+    fn deref(&self) -> &AnyConnection {
+        &self.transaction
+    }
+}
+
+impl std::ops::DerefMut for WriteTransaction {
+    fn deref_mut(&mut self) -> &mut AnyConnection {
+        &mut self.transaction
+    }
+}
+
+/// Connections of the engine's and API's pool.
+const MAIN_POOL_CONNECTIONS: u32 = 8;
+/// Connections of the device endpoint's pool: its queries are single reads
+/// and short writes, many at once.
+const DEVICE_POOL_CONNECTIONS: u32 = 4;
 
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path`, switches it
@@ -113,41 +162,48 @@ impl Store {
         sqlx::any::install_default_drivers();
         let url = sqlite_url(path);
         let options = AnyConnectOptions::from_str(&url)?;
-        // SQLite defaults set by sqlx: foreign keys on, busy timeout 5 s.
-        // WAL lets the API read while the engine writes; the mode is stored
-        // in the database file, so setting it once per connection is cheap.
-        let pool = AnyPoolOptions::new()
-            .max_connections(8)
-            .after_connect(|connection, _| {
-                Box::pin(async move {
-                    sqlx::raw_sql("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL")
-                        .execute(connection)
-                        .await?;
-                    Ok(())
-                })
-            })
-            .connect_with(options)
-            .await?;
+        let pool = sqlite_pool(&options, MAIN_POOL_CONNECTIONS).await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        let device_pool = sqlite_pool(&options, DEVICE_POOL_CONNECTIONS).await?;
         Ok(Store {
             pool,
+            device_pool,
             backend: Backend::Sqlite,
+            write_gate: Arc::new(Mutex::new(())),
         })
+    }
+
+    /// The same database through the device endpoint's own pool.
+    pub fn for_device_endpoint(&self) -> Store {
+        Store {
+            pool: self.device_pool.clone(),
+            ..self.clone()
+        }
+    }
+
+    /// Taken before every write that is not a [`WriteTransaction`].
+    async fn write_gate(&self) -> OwnedMutexGuard<()> {
+        Arc::clone(&self.write_gate).lock_owned().await
     }
 
     /// Closes every connection; waits for checked-out ones to come back.
     pub async fn close(&self) {
         self.pool.close().await;
+        self.device_pool.close().await;
     }
 
     /// Starts a transaction that will write. SQLite takes the write lock at
     /// once (`BEGIN IMMEDIATE`), so two writers queue on the busy timeout
     /// instead of failing when the second upgrades a read lock.
-    async fn begin_write(&self) -> Result<Transaction<'static, Any>, StoreError> {
+    async fn begin_write(&self) -> Result<WriteTransaction, StoreError> {
+        let gate = self.write_gate().await;
         let transaction = match self.backend {
             Backend::Sqlite => self.pool.begin_with("BEGIN IMMEDIATE").await?,
         };
-        Ok(transaction)
+        Ok(WriteTransaction {
+            transaction,
+            _gate: gate,
+        })
     }
 
     /// Whether any operator token exists (false on first start).
@@ -167,6 +223,7 @@ impl Store {
         role: &str,
         at: &str,
     ) -> Result<(), StoreError> {
+        let _gate = self.write_gate().await;
         sqlx::query(
             "INSERT INTO operator_tokens (name, token_sha256, role, created_at) VALUES ($1, $2, $3, $4)",
         )
@@ -203,8 +260,19 @@ impl Store {
         at: &str,
         record: &AuditRecord<'_>,
     ) -> Result<i64, StoreError> {
+        let _gate = self.write_gate().await;
         let mut connection = self.pool.acquire().await?;
         Ok(audit::append(&mut connection, at, record).await?)
+    }
+
+    /// Appends queued rows in one transaction, in order.
+    pub async fn append_audits(&self, rows: &[audit::QueuedAudit]) -> Result<(), StoreError> {
+        let mut transaction = self.begin_write().await?;
+        for row in rows {
+            audit::append(&mut transaction, &row.at, &row.record()).await?;
+        }
+        transaction.commit().await?;
+        Ok(())
     }
 
     /// Audit rows matching `filter`, by increasing sequence number.
@@ -257,6 +325,27 @@ impl Store {
 
 /// `sqlite://` URL of a database file, created if missing. The path is
 /// percent-encoded where sqlx would otherwise read a query or fragment.
+/// A pool on the SQLite database. sqlx's defaults: foreign keys on, busy
+/// timeout 5 s. WAL lets the API read while the engine writes; the mode is
+/// stored in the database file, so setting it once per connection is cheap.
+async fn sqlite_pool(
+    options: &AnyConnectOptions,
+    connections: u32,
+) -> Result<AnyPool, sqlx::Error> {
+    AnyPoolOptions::new()
+        .max_connections(connections)
+        .after_connect(|connection, _| {
+            Box::pin(async move {
+                sqlx::raw_sql("PRAGMA journal_mode = WAL; PRAGMA busy_timeout = 10000; PRAGMA foreign_keys = ON; PRAGMA synchronous = NORMAL")
+                    .execute(connection)
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect_with(options.clone())
+        .await
+}
+
 fn sqlite_url(path: &Path) -> String {
     let mut encoded = String::new();
     for c in path.to_string_lossy().chars() {
