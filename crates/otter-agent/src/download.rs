@@ -177,6 +177,28 @@ impl Downloader {
         expected_size: u64,
         cancel: &CancellationToken,
     ) -> Result<AttemptEnd, DownloadError> {
+        // The file first: failing to open it after the server has started
+        // sending would waste what is already on the wire.
+        let local = |source| DownloadError::Local {
+            path: destination.to_owned(),
+            source,
+        };
+        let mut file = match tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(destination)
+            .await
+        {
+            Ok(file) => file,
+            // Out of descriptors for a moment: the retry's backoff waits it out.
+            Err(error) if crate::backoff::is_transient_io(&error) => {
+                return Ok(AttemptEnd::Retry {
+                    progress: false,
+                    error: format!("opening {}: {error}", destination.display()),
+                });
+            }
+            Err(error) => return Err(local(error)),
+        };
         let mut request = self.client.get(url);
         if offset > 0 {
             request = request.header(RANGE, format!("bytes={offset}-"));
@@ -232,29 +254,10 @@ impl Downloader {
         };
         if start == 0 && offset > 0 {
             tracing::info!("server ignored the range request; downloading from the start");
-            truncate(destination).await?;
+            // Appends go to the end whatever the position: emptying the
+            // file is enough.
+            file.set_len(0).await.map_err(local)?;
         }
-
-        let local = |source| DownloadError::Local {
-            path: destination.to_owned(),
-            source,
-        };
-        let mut file = match tokio::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(destination)
-            .await
-        {
-            Ok(file) => file,
-            // Out of descriptors for a moment: the retry's backoff waits it out.
-            Err(error) if crate::backoff::is_transient_io(&error) => {
-                return Ok(AttemptEnd::Retry {
-                    progress: false,
-                    error: format!("opening {}: {error}", destination.display()),
-                });
-            }
-            Err(error) => return Err(local(error)),
-        };
         let mut length = start;
         let mut progress = false;
         let end = loop {

@@ -46,6 +46,19 @@ impl FetchError {
             FetchError::Cancelled | FetchError::Download(DownloadError::Cancelled)
         )
     }
+
+    /// Whether the fetch failed for want of a resource that comes back by
+    /// itself (file descriptors, memory): worth trying again later rather
+    /// than failing the update.
+    pub fn is_transient(&self) -> bool {
+        let io = match self {
+            FetchError::Local(error) => error,
+            FetchError::Unpack(otter_package::PackageError::Io(error)) => error,
+            FetchError::Download(DownloadError::Local { source, .. }) => source,
+            _ => return false,
+        };
+        crate::backoff::is_transient_io(io)
+    }
 }
 
 /// Downloads, verifies and unpacks one artifact into `files.payload`.
@@ -149,5 +162,32 @@ fn remove_if_present(path: &std::path::Path) -> std::io::Result<()> {
     match std::fs::remove_file(path) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn os(errno: i32) -> std::io::Error {
+        std::io::Error::from_raw_os_error(errno)
+    }
+
+    #[test]
+    fn only_resource_shortages_make_a_fetch_worth_retrying() {
+        const EMFILE: i32 = 24;
+        const EACCES: i32 = 13;
+        assert!(FetchError::Local(os(EMFILE)).is_transient());
+        assert!(FetchError::Unpack(otter_package::PackageError::Io(os(EMFILE))).is_transient());
+        assert!(
+            FetchError::Download(DownloadError::Local {
+                path: "artifact.part".into(),
+                source: os(EMFILE),
+            })
+            .is_transient()
+        );
+        assert!(!FetchError::Local(os(EACCES)).is_transient());
+        assert!(!FetchError::HashMismatch.is_transient());
+        assert!(!FetchError::Cancelled.is_transient());
     }
 }

@@ -60,6 +60,9 @@ pub enum Command {
     /// The audit trail.
     #[command(subcommand)]
     Audit(AuditCommand),
+    /// Operator tokens (admin only).
+    #[command(subcommand)]
+    Token(TokenCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -187,6 +190,37 @@ pub enum AuditCommand {
         /// Most rows to show.
         #[arg(long, default_value_t = 1000)]
         limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check the audit hash chain; exits non-zero at the first altered,
+    /// removed or reordered row.
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token; prints only the token (shown once), e.g. to pipe into a file.
+    Create {
+        /// Name recorded as the actor of everything the token does.
+        name: String,
+        /// viewer (read only), operator (also releases, devices, deployments) or admin (also tokens).
+        #[arg(long)]
+        role: otter_proto::api::Role,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List tokens: names, roles, creation and revocation times.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a token: refused from its next request on.
+    Revoke {
+        name: String,
         #[arg(long)]
         json: bool,
     },

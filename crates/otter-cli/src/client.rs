@@ -67,6 +67,11 @@ impl ApiClient {
         self.send(request).await
     }
 
+    pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
+        let request = self.http.delete(self.url(path)).bearer_auth(&self.token);
+        self.send(request).await
+    }
+
     /// Streams a file as the request body.
     pub async fn post_file<T: DeserializeOwned>(
         &self,

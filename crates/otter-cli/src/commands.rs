@@ -10,11 +10,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use otter_proto::api::{
-    AuditEntry, CreateDeployment, DeploymentInfo, DeploymentStatus, DeviceInfo, EnrollRequest,
-    EnrollResponse, ReleaseInfo, Target,
+    AuditEntry, AuditVerification, CreateDeployment, DeploymentInfo, DeploymentStatus, DeviceInfo,
+    EnrollRequest, EnrollResponse, ReleaseInfo, Target,
 };
+use otter_proto::api::{CreateToken, CreatedToken, TokenInfo};
 use otter_proto::topics::DeviceId;
 
+use crate::cli::TokenCommand;
 use crate::cli::{
     AuditCommand, Cli, Command, DeployCommand, DeviceCommand, DevicesCommand, KeysCommand,
     PackageCommand, ReleaseCommand,
@@ -310,11 +312,80 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
                 );
             }
         }
+        Command::Audit(AuditCommand::Verify { json }) => {
+            let verification: AuditVerification = client.get("/api/v1/audit/verify").await?;
+            if json {
+                output::json(&verification)?;
+            } else if let Some(problem) = &verification.problem {
+                println!(
+                    "audit chain broken at row {}: {}",
+                    problem.seq, problem.message
+                );
+            } else if let Some(head) = &verification.head {
+                println!(
+                    "audit chain intact: {} rows, head seq {} hash {}",
+                    verification.rows_checked, head.seq, head.hash
+                );
+            } else {
+                println!("audit chain intact: 0 rows");
+            }
+            if verification.problem.is_some() {
+                return Ok(ExitCode::FAILURE);
+            }
+        }
+        Command::Token(command) => token(client, command).await?,
         Command::Keys(_) | Command::Package(_) => {
             unreachable!("offline commands are handled in run")
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+async fn token(client: &ApiClient, command: TokenCommand) -> anyhow::Result<()> {
+    match command {
+        TokenCommand::Create { name, role, json } => {
+            otter_proto::manifest::validate_name(&name)
+                .map_err(|e| anyhow::anyhow!("invalid token name {name:?}: {e}"))?;
+            let created: CreatedToken = client
+                .post_json("/api/v1/tokens", &CreateToken { name, role })
+                .await?;
+            if json {
+                output::json(&created)?;
+            } else {
+                // The token alone, so that `> file` captures exactly it.
+                println!("{}", created.token);
+            }
+        }
+        TokenCommand::List { json } => {
+            let tokens: Vec<TokenInfo> = client.get("/api/v1/tokens").await?;
+            if json {
+                output::json(&tokens)?;
+            } else {
+                let rows = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.name.clone(),
+                            t.role.as_str().to_owned(),
+                            t.created_at.clone(),
+                            output::or_dash(t.revoked_at.as_deref()),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(&["NAME", "ROLE", "CREATED", "REVOKED"], &rows);
+            }
+        }
+        TokenCommand::Revoke { name, json } => {
+            let path = format!("/api/v1/tokens/{}", query_value(&name)?);
+            let revoked: TokenInfo = client.delete(&path).await?;
+            if json {
+                output::json(&revoked)?;
+            } else {
+                println!("revoked {}", revoked.name);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Ids and tags only contain URL-safe characters once validated, so no

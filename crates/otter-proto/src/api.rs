@@ -228,11 +228,153 @@ pub struct AuditEntry {
     /// Event name, e.g. `deployment.created`, `link.created`, `device.downloaded`.
     pub event: String,
     pub details: serde_json::Value,
+    /// The row's audit chain hash (lowercase hex), to compare with a head
+    /// recorded from `GET /api/v1/audit/verify`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+}
+
+/// Answer of `GET /api/v1/audit/verify`: the audit hash chain checked from
+/// its first row, stopping at the first problem.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditVerification {
+    /// True when every row verified (`problem` is `None`).
+    pub intact: bool,
+    /// Rows that verified, in sequence order, before `problem` if any.
+    pub rows_checked: u64,
+    /// The last row that verified; `None` when no row did. Record it
+    /// outside the server to detect later truncation or rewriting.
+    pub head: Option<AuditHead>,
+    pub problem: Option<AuditProblem>,
+}
+
+/// The end of the verified part of the chain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditHead {
+    pub seq: i64,
+    /// Lowercase hex of the row's 32-byte chain hash.
+    pub hash: String,
+}
+
+/// The first row at which the audit chain breaks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditProblem {
+    /// Sequence number of the first altered, missing or misplaced row.
+    pub seq: i64,
+    pub kind: AuditProblemKind,
+    /// What was found, for people.
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AuditProblemKind {
+    /// Rows are missing before `seq` (a gap in sequence numbers).
+    Missing,
+    /// The row's `prev_hash` is not the previous row's hash: rows were
+    /// removed, reordered or replaced.
+    Unlinked,
+    /// The row's hash does not match its content: the row was altered.
+    Altered,
+    /// The row has no hash or an unreadable one.
+    Unchained,
+}
+
+/// What an operator token may do. Each role includes the ones before it:
+/// a viewer reads, an operator also uploads releases, enrols devices and
+/// creates deployments, an admin also manages tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Operator => "operator",
+            Role::Admin => "admin",
+        }
+    }
+
+    /// Whether a token of this role may do what `required` may.
+    pub fn includes(self, required: Role) -> bool {
+        self >= required
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Role {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "viewer" => Ok(Role::Viewer),
+            "operator" => Ok(Role::Operator),
+            "admin" => Ok(Role::Admin),
+            other => Err(format!(
+                "unknown role {other:?} (expected viewer, operator or admin)"
+            )),
+        }
+    }
+}
+
+/// `POST /api/v1/tokens`: a new operator token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateToken {
+    /// Recorded as the actor of everything the token does; never reused,
+    /// even once the token is revoked.
+    pub name: String,
+    pub role: Role,
+}
+
+/// The answer to `POST /api/v1/tokens`: the only time the token is shown
+/// (the server keeps its SHA-256 only).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedToken {
+    pub name: String,
+    pub role: Role,
+    pub token: String,
+    pub created_at: String,
+}
+
+/// An operator token as `GET /api/v1/tokens` lists it: never the token
+/// nor its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenInfo {
+    pub name: String,
+    pub role: Role,
+    pub created_at: String,
+    /// RFC 3339 time of the revocation; `None` while the token is active.
+    pub revoked_at: Option<String>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn roles_are_ordered_and_named() {
+        assert!(Role::Admin.includes(Role::Operator));
+        assert!(Role::Operator.includes(Role::Viewer));
+        assert!(Role::Viewer.includes(Role::Viewer));
+        assert!(!Role::Viewer.includes(Role::Operator));
+        assert!(!Role::Operator.includes(Role::Admin));
+        for role in [Role::Viewer, Role::Operator, Role::Admin] {
+            assert_eq!(role.as_str().parse::<Role>(), Ok(role));
+            assert_eq!(serde_json::to_string(&role).unwrap(), format!("\"{role}\""));
+        }
+        assert!("root".parse::<Role>().is_err());
+        assert!("Admin".parse::<Role>().is_err());
+    }
 
     #[test]
     fn targets() {

@@ -44,7 +44,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use base64::Engine as _;
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -321,18 +320,13 @@ async fn ensure_admin_token(store: &Store, path: &Path) -> anyhow::Result<()> {
     if store.has_operator_tokens().await? {
         return Ok(());
     }
-    let secret: [u8; 32] = rand::random();
-    let token = format!(
-        "otter_{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(secret)
-    );
+    let token = api::tokens::new_token();
     files::write_private_atomically(path, token.as_bytes())
         .with_context(|| format!("cannot write {}", path.display()))?;
     store
-        .insert_operator_token(
+        .insert_first_admin_token(
             ADMIN_TOKEN_NAME,
             &api::token_sha256(&token),
-            "admin",
             &clock::now_rfc3339(),
         )
         .await?;

@@ -4,6 +4,9 @@
 
 use super::*;
 
+/// How long a fetch keeps trying while short of a resource.
+const FETCH_PATIENCE: std::time::Duration = std::time::Duration::from_secs(300);
+
 impl Agent {
     pub(super) fn spawn_fetch(&mut self, job: &Job, manifest: Manifest) {
         let deployment_id = job.notification.deployment_id.clone();
@@ -19,24 +22,48 @@ impl Agent {
                 Ok(key) => key,
                 Err(error) => return WorkOutcome::Failed(format!("invalid data key: {error}")),
             };
-            let files = match landing_zone.prepare(&task_deployment).await {
-                Ok(files) => files,
-                Err(error) => return WorkOutcome::Failed(error.to_string()),
-            };
             let link = move || link_receiver.borrow().clone();
-            match crate::fetch::fetch(
-                &downloader,
-                &link,
-                &files,
-                &manifest,
-                &data_key,
-                &task_cancel,
-            )
-            .await
-            {
-                Ok(()) => WorkOutcome::Done,
-                Err(error) if error.is_cancelled() => WorkOutcome::Cancelled,
-                Err(error) => WorkOutcome::Failed(error.to_string()),
+            // A fetch that fails for want of file descriptors or memory is
+            // tried again (resuming the download) rather than failing the
+            // update; anything else ends it.
+            let deadline = tokio::time::Instant::now() + FETCH_PATIENCE;
+            let mut backoff = crate::backoff::Backoff::new(
+                std::time::Duration::from_millis(200),
+                std::time::Duration::from_secs(10),
+            );
+            loop {
+                let error = match landing_zone.prepare(&task_deployment).await {
+                    Err(crate::landing_zone::LandingZoneError::Io { source, .. })
+                        if crate::backoff::is_transient_io(&source) =>
+                    {
+                        source.to_string()
+                    }
+                    Err(error) => return WorkOutcome::Failed(error.to_string()),
+                    Ok(files) => match crate::fetch::fetch(
+                        &downloader,
+                        &link,
+                        &files,
+                        &manifest,
+                        &data_key,
+                        &task_cancel,
+                    )
+                    .await
+                    {
+                        Ok(()) => return WorkOutcome::Done,
+                        Err(error) if error.is_cancelled() => return WorkOutcome::Cancelled,
+                        Err(error) if error.is_transient() => error.to_string(),
+                        Err(error) => return WorkOutcome::Failed(error.to_string()),
+                    },
+                };
+                if tokio::time::Instant::now() >= deadline {
+                    return WorkOutcome::Failed(error);
+                }
+                let delay = backoff.next_delay();
+                tracing::warn!(%error, ?delay, "fetch short of a resource; trying again");
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {}
+                    () = task_cancel.cancelled() => return WorkOutcome::Cancelled,
+                }
             }
         });
         self.worker = Some(Worker {

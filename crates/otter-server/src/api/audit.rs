@@ -1,9 +1,11 @@
 //! `GET /api/v1/audit`: the audit log, filtered by device and deployment,
-//! paged by sequence number.
+//! paged by sequence number. `GET /api/v1/audit/verify`: the audit hash
+//! chain checked from its first row (`crate::audit::verify`); a broken chain
+//! is a result (`200`, `intact: false`), not an error.
 
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{Json, Query, State};
-use otter_proto::api::AuditEntry;
+use otter_proto::api::{AuditEntry, AuditVerification};
 use serde::Deserialize;
 
 use super::{ApiState, Authenticated, query_params};
@@ -44,4 +46,11 @@ pub(super) async fn list(
         limit,
     };
     Ok(Json(state.store.audit_entries(&filter).await?))
+}
+
+pub(super) async fn verify(
+    State(state): State<ApiState>,
+    _operator: Authenticated,
+) -> Result<Json<AuditVerification>, ApiError> {
+    Ok(Json(state.store.verify_audit().await?))
 }

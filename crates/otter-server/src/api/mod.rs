@@ -3,9 +3,20 @@
 //! operator token, and `GET /metrics` (Prometheus text, no token; see
 //! `crate::metrics`).
 //!
-//! Layout: this file holds the shared [`ApiState`], the router, token
-//! authentication and the mapping of extractor rejections to JSON errors;
-//! `devices`, `releases`, `deployments` and `audit` hold the handlers of
+//! Authorisation lives in one place: the route table ([`routes`]) gives
+//! every route its method, path, handler and [`Access`], and [`router`]
+//! builds the router from that table only, wrapping each handler in
+//! [`authorize`]. That guard runs before the handler and its extractors, so
+//! a refused request (401: no, unknown or revoked token; 403: a role too
+//! weak) reads no body and changes nothing. Handlers get the operator from
+//! the [`Authenticated`] extractor, which only the guard can satisfy: a
+//! handler mounted outside the table that asks for an operator answers 401
+//! to everyone rather than running unchecked. [`route_table`] lets tests
+//! walk every route.
+//!
+//! Layout: this file holds the shared [`ApiState`], the route table, the
+//! guard and the mapping of extractor rejections to JSON errors; `devices`,
+//! `releases`, `deployments`, `audit` and `tokens` hold the handlers of
 //! each resource. Only this module knows the JSON shapes of the API (they
 //! are `otter_proto::api` types).
 
@@ -13,17 +24,22 @@ mod audit;
 mod deployments;
 mod devices;
 mod releases;
+pub mod tokens;
 
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequestParts, Json, Query};
-use axum::http::StatusCode;
+use axum::extract::{FromRequestParts, Json, Query, Request, State};
+use axum::handler::Handler;
 use axum::http::request::Parts;
-use axum::routing::{get, post};
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use axum::routing::{MethodFilter, MethodRouter};
 use ed25519_dalek::VerifyingKey;
+use otter_proto::api::Role;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
@@ -59,28 +75,131 @@ pub struct ApiState {
     pub engine: mpsc::Sender<EngineCommand>,
 }
 
-/// The API's routes.
-pub fn router(state: ApiState) -> Router {
-    Router::new()
-        .route("/api/v1/health", get(health))
-        .route("/metrics", get(metrics))
-        .route("/api/v1/devices", post(devices::enroll).get(devices::list))
-        .route(
+/// Who may call a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// Anyone, without a token.
+    Public,
+    /// An active operator token whose role includes this one.
+    Role(Role),
+}
+
+/// The HTTP methods of the API's routes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteMethod {
+    Get,
+    Post,
+    Delete,
+}
+
+impl RouteMethod {
+    pub fn as_method(self) -> Method {
+        match self {
+            RouteMethod::Get => Method::GET,
+            RouteMethod::Post => Method::POST,
+            RouteMethod::Delete => Method::DELETE,
+        }
+    }
+
+    fn filter(self) -> MethodFilter {
+        match self {
+            RouteMethod::Get => MethodFilter::GET,
+            RouteMethod::Post => MethodFilter::POST,
+            RouteMethod::Delete => MethodFilter::DELETE,
+        }
+    }
+}
+
+/// One row of the route table, without its handler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteSpec {
+    pub method: RouteMethod,
+    /// axum path syntax: `{id}` is a path parameter.
+    pub path: &'static str,
+    pub access: Access,
+}
+
+/// One row of the route table.
+struct ApiRoute {
+    spec: RouteSpec,
+    handler: MethodRouter<ApiState>,
+}
+
+fn route<H, T>(method: RouteMethod, path: &'static str, access: Access, handler: H) -> ApiRoute
+where
+    H: Handler<T, ApiState>,
+    T: 'static,
+{
+    ApiRoute {
+        spec: RouteSpec {
+            method,
+            path,
+            access,
+        },
+        handler: axum::routing::on(method.filter(), handler),
+    }
+}
+
+/// The route table: every route of the API and who may call it. A viewer
+/// reads; an operator also uploads releases, enrols devices and creates
+/// deployments; an admin also manages tokens. A new route is a new row
+/// here, or it is not served.
+fn routes() -> Vec<ApiRoute> {
+    use RouteMethod::{Delete, Get, Post};
+    const PUBLIC: Access = Access::Public;
+    const VIEWER: Access = Access::Role(Role::Viewer);
+    const OPERATOR: Access = Access::Role(Role::Operator);
+    const ADMIN: Access = Access::Role(Role::Admin);
+    vec![
+        route(Get, "/api/v1/health", PUBLIC, health),
+        route(Get, "/metrics", PUBLIC, metrics),
+        route(Get, "/api/v1/devices", VIEWER, devices::list),
+        route(Post, "/api/v1/devices", OPERATOR, devices::enroll),
+        route(Get, "/api/v1/devices/batch", VIEWER, devices::show_batch),
+        route(
+            Post,
             "/api/v1/devices/batch",
-            post(devices::enroll_batch).get(devices::show_batch),
-        )
-        .route("/api/v1/devices/{id}", get(devices::show))
-        .route(
-            "/api/v1/releases",
-            post(releases::upload).get(releases::list),
-        )
-        .route("/api/v1/releases/{id}", get(releases::show))
-        .route(
-            "/api/v1/deployments",
-            post(deployments::create).get(deployments::list),
-        )
-        .route("/api/v1/deployments/{id}", get(deployments::show))
-        .route("/api/v1/audit", get(audit::list))
+            OPERATOR,
+            devices::enroll_batch,
+        ),
+        route(Get, "/api/v1/devices/{id}", VIEWER, devices::show),
+        route(Get, "/api/v1/releases", VIEWER, releases::list),
+        route(Post, "/api/v1/releases", OPERATOR, releases::upload),
+        route(Get, "/api/v1/releases/{id}", VIEWER, releases::show),
+        route(Get, "/api/v1/deployments", VIEWER, deployments::list),
+        route(Post, "/api/v1/deployments", OPERATOR, deployments::create),
+        route(Get, "/api/v1/deployments/{id}", VIEWER, deployments::show),
+        route(Get, "/api/v1/audit", VIEWER, audit::list),
+        route(Get, "/api/v1/audit/verify", VIEWER, audit::verify),
+        route(Get, "/api/v1/tokens", ADMIN, tokens::list),
+        route(Post, "/api/v1/tokens", ADMIN, tokens::create),
+        route(Delete, "/api/v1/tokens/{name}", ADMIN, tokens::revoke),
+    ]
+}
+
+/// Method, path and access of every route, in table order (for tests and
+/// documentation).
+pub fn route_table() -> Vec<RouteSpec> {
+    routes().into_iter().map(|route| route.spec).collect()
+}
+
+/// The API's routes, built from the route table only.
+pub fn router(state: ApiState) -> Router {
+    let mut router = Router::new();
+    for ApiRoute { spec, handler } in routes() {
+        let handler = match spec.access {
+            Access::Public => handler,
+            Access::Role(required) => handler.route_layer(middleware::from_fn_with_state(
+                Guard {
+                    state: state.clone(),
+                    required,
+                },
+                authorize,
+            )),
+        };
+        router = router.route(spec.path, handler);
+    }
+    router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -120,32 +239,79 @@ pub fn token_sha256(token: &str) -> String {
     hex::encode(Sha256::digest(token.as_bytes()))
 }
 
-/// The operator who sent a request, authenticated by `Authorization: Bearer`.
+/// What [`authorize`] needs for one route.
+#[derive(Clone)]
+struct Guard {
+    state: ApiState,
+    required: Role,
+}
+
+/// The guard of every route that needs a token (see the module docs):
+/// authenticates `Authorization: Bearer`, checks the role, and hands the
+/// operator to the handler as [`Authenticated`].
+async fn authorize(
+    State(guard): State<Guard>,
+    mut request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let operator = authenticate(&guard.state, request.headers()).await?;
+    if !operator.role.includes(guard.required) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "token {:?} has the role {}; {} {} needs {}",
+                operator.name,
+                operator.role,
+                request.method(),
+                request.uri().path(),
+                guard.required
+            ),
+        ));
+    }
+    request.extensions_mut().insert(Authenticated(operator));
+    Ok(next.run(request).await)
+}
+
+/// The operator holding the request's bearer token, if it is active.
+async fn authenticate(state: &ApiState, headers: &HeaderMap) -> Result<Operator, ApiError> {
+    let header = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .ok_or_else(ApiError::unauthorized)?;
+    let token = header
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|token| !token.is_empty() && token.len() <= 256)
+        .ok_or_else(ApiError::unauthorized)?;
+    state
+        .store
+        .operator_by_token_sha256(&token_sha256(token))
+        .await?
+        .ok_or_else(ApiError::unauthorized)
+}
+
+/// The operator who sent a request, as [`authorize`] found it.
 #[derive(Debug, Clone)]
 pub struct Authenticated(pub Operator);
 
 impl FromRequestParts<ApiState> for Authenticated {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &ApiState) -> Result<Self, ApiError> {
-        let header = parts
-            .headers
-            .get(axum::http::header::AUTHORIZATION)
-            .and_then(|value| value.to_str().ok())
-            .ok_or_else(ApiError::unauthorized)?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .map(str::trim)
-            .filter(|token| !token.is_empty() && token.len() <= 256)
-            .ok_or_else(ApiError::unauthorized)?;
-        match state
-            .store
-            .operator_by_token_sha256(&token_sha256(token))
-            .await?
-        {
-            Some(operator) => Ok(Authenticated(operator)),
-            None => Err(ApiError::unauthorized()),
-        }
+    async fn from_request_parts(parts: &mut Parts, _state: &ApiState) -> Result<Self, ApiError> {
+        // Absent only on a route mounted outside the route table: refuse
+        // rather than run a handler nobody authorised.
+        parts
+            .extensions
+            .get::<Authenticated>()
+            .cloned()
+            .ok_or_else(|| {
+                tracing::error!(
+                    path = parts.uri.path(),
+                    "route without a guard asks for an operator"
+                );
+                ApiError::unauthorized()
+            })
     }
 }
 

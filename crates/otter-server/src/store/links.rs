@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 
 use otter_proto::topics::DeviceId;
+use sqlx::Row;
 use sqlx::any::AnyRow;
-use sqlx::{AnyConnection, Row};
 
 use super::{Store, StoreError};
 use crate::audit::{self, Actor, AuditEvent, AuditRecord};
@@ -169,7 +169,7 @@ impl Store {
 
 /// [`Store::revoke_links`] inside an open transaction.
 pub(super) async fn revoke_in(
-    connection: &mut AnyConnection,
+    connection: &mut super::WriteTransaction,
     deployment_id: &str,
     device_id: &DeviceId,
     actor: &Actor,
@@ -181,7 +181,7 @@ pub(super) async fn revoke_in(
     .bind(at)
     .bind(deployment_id)
     .bind(device_id.as_str())
-    .execute(&mut *connection)
+    .execute(&mut **connection)
     .await?
     .rows_affected();
     if revoked > 0 {

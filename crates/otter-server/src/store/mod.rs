@@ -17,27 +17,28 @@
 //! ([`Store::for_device_endpoint`]) so that a burst of downloads does not
 //! hold every connection the engine and the API need.
 //!
-//! Layout: this file opens the pool, runs migrations and holds operator
-//! tokens and the audit query; `devices`, `releases`, `deployments` and
-//! `links` hold the methods of each table group, `push` the progress of
-//! push-mode transfers.
+//! Layout: this file opens the pool, runs migrations and holds the audit
+//! query; `devices`, `releases`, `deployments`, `links` and `tokens`
+//! (operator tokens) hold the methods of each table group, `push` the
+//! progress of push-mode transfers.
 
 mod deployments;
 mod devices;
 mod links;
 mod push;
 mod releases;
+mod tokens;
 
 use std::path::Path;
 use std::str::FromStr;
 use std::sync::Arc;
 
-use otter_proto::api::AuditEntry;
+use otter_proto::api::{AuditEntry, AuditVerification};
 use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::{Any, AnyConnection, AnyPool, Row, Transaction};
 use tokio::sync::{Mutex, OwnedMutexGuard};
 
-use crate::audit::{self, AuditRecord};
+use crate::audit::{self, AuditKey, AuditRecord, KeyFile};
 
 pub use deployments::{
     CreatedDeployment, DeliveryTarget, DeploymentCreation, NotificationTarget, ReportApplied,
@@ -47,6 +48,7 @@ pub use devices::{BatchEnrollOutcome, EnrollOutcome, NewDevice, RegistrationOutc
 pub use links::{DownloadRelease, NewLink};
 pub use push::PushProgress;
 pub use releases::{NewRelease, ReleaseInsertOutcome, StoredRelease};
+pub use tokens::{NewToken, Operator, TokenCreated, TokenRevoked};
 
 /// Why a store operation failed. Expected outcomes (a duplicate, an unknown
 /// id) are not errors: methods return them as values.
@@ -56,6 +58,8 @@ pub enum StoreError {
     Database(#[from] sqlx::Error),
     #[error("database migration: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("audit key: {0}")]
+    AuditKey(#[from] audit::AuditKeyError),
     /// A stored value the server did not write or cannot read back.
     #[error("corrupt database value in {column}: {reason}")]
     Corrupt {
@@ -94,13 +98,6 @@ enum Backend {
     Sqlite,
 }
 
-/// An operator authenticated by token.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Operator {
-    pub name: String,
-    pub role: String,
-}
-
 /// Filter of [`Store::audit_entries`].
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -121,6 +118,8 @@ pub struct Store {
     backend: Backend,
     /// Held for the whole of every write (see the module docs).
     write_gate: Arc<Mutex<()>>,
+    /// Key of the audit hash chain, for [`audit::append`] (see `audit.rs`).
+    audit_key: Arc<AuditKey>,
 }
 
 /// A write transaction and the write gate it holds until it ends. Derefs to
@@ -128,6 +127,8 @@ pub struct Store {
 pub(crate) struct WriteTransaction {
     transaction: Transaction<'static, Any>,
     _gate: OwnedMutexGuard<()>,
+    /// The audit key and the chain head once read in this transaction.
+    pub(crate) audit_chain: audit::ChainWriter,
 }
 
 impl WriteTransaction {
@@ -157,19 +158,40 @@ const DEVICE_POOL_CONNECTIONS: u32 = 4;
 
 impl Store {
     /// Opens (creating if needed) the SQLite database at `path`, switches it
-    /// to WAL and applies pending migrations.
+    /// to WAL and applies pending migrations. The audit key is `audit.key`
+    /// in the same folder, created on first start; then, and only then,
+    /// audit rows written before the hash chain existed are chained (see
+    /// `audit.rs`).
     pub async fn open_sqlite(path: &Path) -> Result<Store, StoreError> {
         sqlx::any::install_default_drivers();
+        let key_dir = match path.parent() {
+            Some(parent) if !parent.as_os_str().is_empty() => parent,
+            _ => Path::new("."),
+        };
+        let key_file = AuditKey::load(key_dir)?;
         let url = sqlite_url(path);
         let options = AnyConnectOptions::from_str(&url)?;
         let pool = sqlite_pool(&options, MAIN_POOL_CONNECTIONS).await?;
         sqlx::migrate!("migrations/sqlite").run(&pool).await?;
+        let audit_key = match key_file {
+            KeyFile::Established(key) => key,
+            KeyFile::New(pending) => {
+                let mut transaction = pool.begin_with("BEGIN IMMEDIATE").await?;
+                let chained = audit::chain_unhashed(&mut transaction, &pending.key).await?;
+                transaction.commit().await?;
+                if chained > 0 {
+                    tracing::info!(rows = chained, "chained the existing audit rows");
+                }
+                pending.establish()?
+            }
+        };
         let device_pool = sqlite_pool(&options, DEVICE_POOL_CONNECTIONS).await?;
         Ok(Store {
             pool,
             device_pool,
             backend: Backend::Sqlite,
             write_gate: Arc::new(Mutex::new(())),
+            audit_key: Arc::new(audit_key),
         })
     }
 
@@ -203,54 +225,7 @@ impl Store {
         Ok(WriteTransaction {
             transaction,
             _gate: gate,
-        })
-    }
-
-    /// Whether any operator token exists (false on first start).
-    pub async fn has_operator_tokens(&self) -> Result<bool, StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM operator_tokens")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(count > 0)
-    }
-
-    /// Stores an operator token by its SHA-256 (hex); the token itself is
-    /// never stored.
-    pub async fn insert_operator_token(
-        &self,
-        name: &str,
-        token_sha256: &str,
-        role: &str,
-        at: &str,
-    ) -> Result<(), StoreError> {
-        let _gate = self.write_gate().await;
-        sqlx::query(
-            "INSERT INTO operator_tokens (name, token_sha256, role, created_at) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(name)
-        .bind(token_sha256)
-        .bind(role)
-        .bind(at)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
-    }
-
-    /// The operator holding the token with this SHA-256 (hex), if any.
-    pub async fn operator_by_token_sha256(
-        &self,
-        token_sha256: &str,
-    ) -> Result<Option<Operator>, StoreError> {
-        let row = sqlx::query("SELECT name, role FROM operator_tokens WHERE token_sha256 = $1")
-            .bind(token_sha256)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(match row {
-            Some(row) => Some(Operator {
-                name: row.try_get("name")?,
-                role: row.try_get("role")?,
-            }),
-            None => None,
+            audit_chain: audit::ChainWriter::new(Arc::clone(&self.audit_key)),
         })
     }
 
@@ -260,9 +235,15 @@ impl Store {
         at: &str,
         record: &AuditRecord<'_>,
     ) -> Result<i64, StoreError> {
-        let _gate = self.write_gate().await;
-        let mut connection = self.pool.acquire().await?;
-        Ok(audit::append(&mut connection, at, record).await?)
+        let mut transaction = self.begin_write().await?;
+        let seq = audit::append(&mut transaction, at, record).await?;
+        transaction.commit().await?;
+        Ok(seq)
+    }
+
+    /// Checks the audit hash chain from its first row (see `audit.rs`).
+    pub async fn verify_audit(&self) -> Result<AuditVerification, StoreError> {
+        Ok(audit::verify(&self.pool, &self.audit_key).await?)
     }
 
     /// Appends queued rows in one transaction, in order.
@@ -280,7 +261,7 @@ impl Store {
         // Conditions are added only when set, so every placeholder has a
         // column to take its type from (PostgreSQL cannot type `$1 IS NULL`).
         let mut sql = String::from(
-            "SELECT seq, at, actor_kind, actor, device_id, deployment_id, event, details FROM audit WHERE seq > $1",
+            "SELECT seq, at, actor_kind, actor, device_id, deployment_id, event, details, hash FROM audit WHERE seq > $1",
         );
         let mut next_placeholder = 2;
         for (column, value) in [
@@ -317,6 +298,7 @@ impl Store {
                     event: row.try_get("event")?,
                     details: serde_json::from_str(&details)
                         .map_err(|e| StoreError::corrupt("audit.details", e))?,
+                    hash: row.try_get("hash")?,
                 })
             })
             .collect()

@@ -135,6 +135,7 @@ mod tests {
             deployment_id: Some("dep".to_owned()),
             event: event.to_owned(),
             details: serde_json::Value::Null,
+            hash: None,
         }
     }
 
