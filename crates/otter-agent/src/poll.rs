@@ -99,6 +99,9 @@ impl PollError {
 }
 
 /// What a poll brought back.
+// One answer per poll, moved once into the loop: boxing the large variant
+// would cost an allocation for nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PollAnswer {
     /// `304`: the same as the last answer.

@@ -213,6 +213,7 @@ mod tests {
             link: "https://127.0.0.1:8443/x".into(),
             link_expires_at: 10,
             data_key: "k".into(),
+            allow_downgrade: false,
         })
     }
 

@@ -184,6 +184,7 @@ max_backoff = "50ms"
             link: link.into(),
             link_expires_at: unix_now() + 3600,
             data_key: self.data_key.clone(),
+            allow_downgrade: false,
         }
     }
 

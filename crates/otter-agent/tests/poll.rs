@@ -43,6 +43,7 @@ async fn pull_uplink_polls_forwards_updates_and_repeats_lost_reports() {
         link: "https://127.0.0.1:1/v1/download/x".into(),
         link_expires_at: 0,
         data_key: String::new(),
+        allow_downgrade: false,
     };
     let answer = encode(&PollResponse {
         update: Some(update.clone()),

@@ -94,6 +94,10 @@ pub enum PackageCommand {
         /// zstd level (1–19).
         #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19))]
         level: i32,
+        /// Sign into the manifest that devices may install this release over
+        /// a newer version (only when the deployment allows it too).
+        #[arg(long)]
+        allow_downgrade: bool,
         #[arg(long)]
         out: PathBuf,
         /// The payload file.
@@ -160,6 +164,10 @@ pub enum DeployCommand {
         /// all, fleet:TAG or device:ID.
         #[arg(long)]
         target: String,
+        /// Let devices install this release over a newer version; refused
+        /// unless the release's signed manifest allows it too.
+        #[arg(long)]
+        allow_downgrade: bool,
     },
     /// Devices per phase; --watch follows until every device is done.
     Status {

@@ -47,6 +47,7 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
             kind,
             hardware,
             level,
+            allow_downgrade,
             out,
             input,
         } => {
@@ -61,6 +62,7 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
                 hardware,
                 zstd_level: level,
                 chunk_size: 64 * 1024,
+                allow_downgrade,
             };
             // Write next to the destination and rename, so a failed build
             // never leaves a half-written package under the final name.
@@ -123,6 +125,9 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
                 println!("release     {}", manifest.release_id());
                 println!("kind        {}", manifest.kind.as_str());
                 println!("hardware    {}", manifest.hardware.join(","));
+                if manifest.allow_downgrade {
+                    println!("downgrade   allowed by the manifest");
+                }
                 println!(
                     "payload     {} bytes, sha256 {}",
                     manifest.payload.size, manifest.payload.sha256
@@ -216,12 +221,19 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
                 );
             }
         }
-        Command::Deploy(DeployCommand::Create { release, target }) => {
+        Command::Deploy(DeployCommand::Create {
+            release,
+            target,
+            allow_downgrade,
+        }) => {
             otter_proto::manifest::parse_release_id(&release).map_err(anyhow::Error::msg)?;
             Target::parse(&target).map_err(anyhow::Error::msg)?;
-            let info: DeploymentInfo = client
-                .post_json("/api/v1/deployments", &CreateDeployment { release, target })
-                .await?;
+            let request = CreateDeployment {
+                release,
+                target,
+                allow_downgrade,
+            };
+            let info: DeploymentInfo = client.post_json("/api/v1/deployments", &request).await?;
             println!("{}", info.deployment_id);
         }
         Command::Deploy(DeployCommand::Status {

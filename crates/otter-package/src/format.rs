@@ -107,6 +107,10 @@ pub struct BuildOptions {
     /// Plaintext bytes per encrypted chunk (1 KiB..=16 MiB); a device holds
     /// one chunk in memory while unpacking. [`DEFAULT_CHUNK_SIZE`] by default.
     pub chunk_size: u32,
+    /// Sign `allow_downgrade` into the manifest: devices may install this
+    /// release over a newer one when a deployment allows it too. False by
+    /// default.
+    pub allow_downgrade: bool,
 }
 
 impl BuildOptions {
@@ -123,6 +127,7 @@ impl BuildOptions {
             hardware,
             zstd_level: DEFAULT_ZSTD_LEVEL,
             chunk_size: DEFAULT_CHUNK_SIZE,
+            allow_downgrade: false,
         }
     }
 }
@@ -189,6 +194,7 @@ pub fn build_package(
             nonce_prefix: hex::encode(nonce_prefix),
         },
         created_at: unix_now(),
+        allow_downgrade: options.allow_downgrade,
     };
     manifest.validate()?;
 

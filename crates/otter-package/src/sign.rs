@@ -83,6 +83,7 @@ mod tests {
                 nonce_prefix: "00112233445566".into(),
             },
             created_at: 0,
+            allow_downgrade: false,
         }
     }
 
@@ -100,6 +101,30 @@ mod tests {
             verify_manifest(&signed, &[other, key.verifying_key()]).unwrap(),
             manifest
         );
+    }
+
+    #[test]
+    fn allow_downgrade_is_signed() {
+        let key = new_key();
+        let trusted = [key.verifying_key()];
+        // A manifest signed without the flag (as every manifest before it
+        // existed) verifies and does not allow a downgrade.
+        let signed = sign_manifest(&sample_manifest(), &key);
+        assert!(!signed.manifest.contains("allow_downgrade"));
+        assert!(!verify_manifest(&signed, &trusted).unwrap().allow_downgrade);
+        // Adding the flag after signing breaks the signature.
+        let mut tampered = signed.clone();
+        tampered.manifest = tampered
+            .manifest
+            .replacen('{', r#"{"allow_downgrade":true,"#, 1);
+        assert!(matches!(
+            verify_manifest(&tampered, &trusted),
+            Err(PackageError::BadSignature)
+        ));
+        let mut allowing = sample_manifest();
+        allowing.allow_downgrade = true;
+        let signed = sign_manifest(&allowing, &key);
+        assert!(verify_manifest(&signed, &trusted).unwrap().allow_downgrade);
     }
 
     #[test]

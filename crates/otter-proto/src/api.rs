@@ -168,6 +168,11 @@ pub struct CreateDeployment {
     pub release: String,
     /// `all`, `fleet:TAG` or `device:ID`.
     pub target: String,
+    /// Allow devices to install this release over a newer version; the
+    /// release's signed manifest must allow it too, or the request is
+    /// refused (422 `downgrade-not-allowed`). Absent means false.
+    #[serde(default, skip_serializing_if = "crate::manifest::is_false")]
+    pub allow_downgrade: bool,
 }
 
 /// A deployment and how many of its devices are in each phase.
@@ -184,6 +189,9 @@ pub struct DeploymentInfo {
     pub phases: BTreeMap<Phase, u64>,
     /// True when every targeted device reached a terminal phase.
     pub complete: bool,
+    /// Whether the deployment allows a downgrade (see [`CreateDeployment`]).
+    #[serde(default)]
+    pub allow_downgrade: bool,
 }
 
 /// One device's place in a deployment.
@@ -403,6 +411,7 @@ mod tests {
             devices: 2,
             phases: [(Phase::Installed, 2)].into(),
             complete: true,
+            allow_downgrade: false,
         };
         let json = serde_json::to_string(&info).unwrap();
         assert!(json.contains(r#""phases":{"installed":2}"#), "{json}");

@@ -133,6 +133,7 @@ impl Job {
             link: String::new(),
             link_expires_at: 0,
             data_key: offer.data_key,
+            allow_downgrade: offer.allow_downgrade,
         };
         (notification, delivery)
     }
@@ -196,8 +197,13 @@ fn finished(event: DeviceEvent, detail: Option<String>) -> (Stage, DeviceEvent, 
 ///
 /// `manifest` is the verified manifest of `incoming`; `installed` is the
 /// version of that package on the device now; `hardware` the device's model.
-/// A package for other hardware, or older than the installed version, is
-/// refused (`DESIGN.md`: devices refuse incompatible or downgraded packages).
+/// A package for other hardware is refused (`DESIGN.md`: devices refuse
+/// incompatible or downgraded packages). The version installed already is
+/// [`Decision::AlreadyInstalled`], whatever the flags say: reinstalling it
+/// is not a downgrade. An older version is refused unless both the signed
+/// manifest and the deployment (`incoming.allow_downgrade`) allow a
+/// downgrade, so neither a publisher's package nor an operator's deployment
+/// alone can roll a device back.
 pub fn decide(
     current: Option<&Job>,
     incoming: &UpdateNotification,
@@ -230,13 +236,24 @@ pub fn decide(
     }
     if let Some(installed) = installed
         && manifest.version < *installed
+        && let Some(reason) = downgrade_refusal(manifest.allow_downgrade, incoming.allow_downgrade)
     {
         return Decision::Refuse(format!(
-            "downgrade refused: {} is older than the installed {installed}",
-            manifest.release_id()
+            "downgrade from {installed} to {} refused: {reason} (package {})",
+            manifest.version, manifest.name
         ));
     }
     Decision::Start
+}
+
+/// Why a downgrade is not allowed, or `None` when both sides allow it.
+fn downgrade_refusal(manifest_allows: bool, deployment_allows: bool) -> Option<&'static str> {
+    match (manifest_allows, deployment_allows) {
+        (true, true) => None,
+        (false, false) => Some("neither the signed manifest nor the deployment allows a downgrade"),
+        (false, true) => Some("the signed manifest does not allow a downgrade"),
+        (true, false) => Some("the deployment does not allow a downgrade"),
+    }
 }
 
 #[cfg(test)]
@@ -256,6 +273,7 @@ mod tests {
             link: "https://127.0.0.1:8443/v1/download/x".into(),
             link_expires_at: 100,
             data_key: String::new(),
+            allow_downgrade: false,
         }
     }
 
@@ -333,6 +351,59 @@ mod tests {
         }
     }
 
+    /// Every combination of incoming version (lower, equal, higher than the
+    /// installed one) × manifest flag × deployment flag.
+    #[test]
+    fn downgrades_need_both_flags() {
+        use std::cmp::Ordering::{self, Equal, Greater, Less};
+        let refused = |reason: &str| Decision::Refuse(reason.to_owned());
+        let neither = "downgrade from 2.0.0 to 1.2.3 refused: neither the signed manifest nor \
+                       the deployment allows a downgrade (package sensor-fw)";
+        let manifest_only = "downgrade from 2.0.0 to 1.2.3 refused: the deployment does not \
+                             allow a downgrade (package sensor-fw)";
+        let deployment_only = "downgrade from 2.0.0 to 1.2.3 refused: the signed manifest does \
+                               not allow a downgrade (package sensor-fw)";
+        // (incoming compared with installed, manifest flag, deployment flag, decision)
+        let cases: Vec<(Ordering, bool, bool, Decision)> = vec![
+            (Less, false, false, refused(neither)),
+            (Less, true, false, refused(manifest_only)),
+            (Less, false, true, refused(deployment_only)),
+            (Less, true, true, Decision::Start),
+            (Equal, false, false, Decision::AlreadyInstalled),
+            (Equal, true, false, Decision::AlreadyInstalled),
+            (Equal, false, true, Decision::AlreadyInstalled),
+            (Equal, true, true, Decision::AlreadyInstalled),
+            (Greater, false, false, Decision::Start),
+            (Greater, true, false, Decision::Start),
+            (Greater, false, true, Decision::Start),
+            (Greater, true, true, Decision::Start),
+        ];
+        for (order, manifest_allows, deployment_allows, expected) in cases {
+            let mut m = crate::manifest::tests::sample(); // sensor-fw 1.2.3 for revB
+            m.allow_downgrade = manifest_allows;
+            let installed = match order {
+                Less => semver::Version::new(2, 0, 0),
+                Equal => m.version.clone(),
+                Greater => semver::Version::new(1, 0, 0),
+            };
+            let mut incoming = notification("d1");
+            incoming.allow_downgrade = deployment_allows;
+            let got = decide(None, &incoming, &m, Some(&installed), "revB");
+            assert_eq!(
+                got, expected,
+                "{order:?} manifest={manifest_allows} deployment={deployment_allows}"
+            );
+        }
+    }
+
+    #[test]
+    fn offers_carry_the_deployment_flag() {
+        let mut o = offer("d1");
+        o.allow_downgrade = true;
+        let (n, _) = Job::from_offer(o);
+        assert!(n.allow_downgrade);
+    }
+
     #[test]
     fn steps_and_reports() {
         let mut j = Job::new(notification("d1"));
@@ -384,6 +455,7 @@ mod tests {
             manifest: n.manifest,
             data_key: "a2V5".into(),
             chunk_size: 4096,
+            allow_downgrade: false,
         }
     }
 

@@ -106,6 +106,18 @@ pub struct Manifest {
     pub encryption: Encryption,
     /// Unix seconds at build time (informational).
     pub created_at: i64,
+    /// The publisher allows installing this release over a newer version of
+    /// the same package (`otter package build --allow-downgrade`). A device
+    /// downgrades only when the deployment allows it too (`job::decide`).
+    /// Absent (old manifests) means false, and false is not written, so a
+    /// manifest without the flag keeps the exact bytes it was signed with.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub allow_downgrade: bool,
+}
+
+/// For `skip_serializing_if`: leaves a false flag out of the JSON.
+pub(crate) fn is_false(flag: &bool) -> bool {
+    !flag
 }
 
 /// Why a manifest is not acceptable.
@@ -261,6 +273,7 @@ pub(crate) mod tests {
                 nonce_prefix: "00112233445566".into(),
             },
             created_at: 0,
+            allow_downgrade: false,
         }
     }
 
@@ -270,6 +283,19 @@ pub(crate) mod tests {
         let json = serde_json::to_string(&m).unwrap();
         assert_eq!(Manifest::from_json(&json).unwrap(), m);
         assert_eq!(m.release_id(), "sensor-fw@1.2.3");
+    }
+
+    #[test]
+    fn allow_downgrade_is_optional_and_omitted_when_false() {
+        let m = sample();
+        let json = serde_json::to_string(&m).unwrap();
+        assert!(!json.contains("allow_downgrade"), "{json}");
+        let mut v = serde_json::to_value(&m).unwrap();
+        v["allow_downgrade"] = true.into();
+        let parsed = Manifest::from_json(&v.to_string()).unwrap();
+        assert!(parsed.allow_downgrade);
+        let again = serde_json::to_string(&parsed).unwrap();
+        assert!(again.contains(r#""allow_downgrade":true"#), "{again}");
     }
 
     #[test]

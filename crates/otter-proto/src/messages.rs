@@ -94,6 +94,9 @@ pub struct PushOffer {
     /// Size of every chunk but the last, in bytes (at most
     /// [`crate::push::MAX_CHUNK_BYTES`]).
     pub chunk_size: u32,
+    /// The deployment allows a downgrade (see [`UpdateNotification`]).
+    #[serde(default, skip_serializing_if = "crate::manifest::is_false")]
+    pub allow_downgrade: bool,
 }
 
 /// Push mode, device → server on `ack`: every byte before `offset` of the
@@ -131,6 +134,12 @@ pub struct UpdateNotification {
     /// Base64 of the release's 32-byte data key. Carried only over the
     /// mutually authenticated MQTT session to this device.
     pub data_key: String,
+    /// The deployment allows installing this release over a newer version
+    /// (`otter deploy create --allow-downgrade`). The device downgrades only
+    /// when the signed manifest allows it too (`job::decide`). Absent means
+    /// false, and false is not sent, so older agents still read the message.
+    #[serde(default, skip_serializing_if = "crate::manifest::is_false")]
+    pub allow_downgrade: bool,
 }
 
 /// An error answer to a device message.

@@ -91,6 +91,8 @@ pub struct UpdateTemplate {
     pub release_id: String,
     pub manifest: SignedManifest,
     pub data_key: String,
+    /// The deployment allows a downgrade; every notification says so.
+    pub allow_downgrade: bool,
 }
 
 /// One device's result in [`Notifier::notify_batch`]: a publish failure
@@ -114,14 +116,15 @@ impl Notifier {
         &self,
         deployment_id: &str,
     ) -> Result<Option<UpdateTemplate>, NotifyError> {
-        let Some(release) = self.store.release_of_deployment(deployment_id).await? else {
+        let Some(found) = self.store.release_of_deployment(deployment_id).await? else {
             return Ok(None);
         };
         Ok(Some(UpdateTemplate {
             deployment_id: deployment_id.to_owned(),
-            release_id: release.info.id,
-            manifest: release.info.manifest,
-            data_key: release.data_key,
+            release_id: found.release.info.id,
+            manifest: found.release.info.manifest,
+            data_key: found.release.data_key,
+            allow_downgrade: found.allow_downgrade,
         }))
     }
 
@@ -311,6 +314,7 @@ impl Notifier {
                         link: links::download_url(&self.device_base_url, &token),
                         link_expires_at: expires_at,
                         data_key: template.data_key.clone(),
+                        allow_downgrade: template.allow_downgrade,
                     },
                     link_id,
                 }

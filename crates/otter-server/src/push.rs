@@ -630,6 +630,7 @@ impl Notifier {
             manifest: release.info.manifest.clone(),
             data_key: release.data_key.clone(),
             chunk_size: self.push_chunk_size,
+            allow_downgrade: target.allow_downgrade,
         });
         match self
             .bus

@@ -90,6 +90,7 @@ async fn deployment_to_many_devices_is_notified_in_batches() {
             deployment_id: "dep-1",
             release_id: "app@1.0.0",
             target: &Target::All,
+            allow_downgrade: false,
             actor: &operator,
             at: &at,
         })

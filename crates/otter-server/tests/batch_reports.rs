@@ -117,6 +117,7 @@ async fn a_burst_of_reports_is_applied_as_one_by_one() {
             deployment_id: "dep-1",
             release_id: "app@1.0.0",
             target: &Target::All,
+            allow_downgrade: false,
             actor: &operator,
             at: &at,
         })

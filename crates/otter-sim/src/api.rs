@@ -162,6 +162,7 @@ impl OperatorClient {
             &CreateDeployment {
                 release: release.to_owned(),
                 target: target.to_owned(),
+                allow_downgrade: false,
             },
         )
         .await

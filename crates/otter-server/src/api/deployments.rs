@@ -32,6 +32,7 @@ pub(super) async fn create(
             deployment_id: &deployment_id,
             release_id: &request.release,
             target: &target,
+            allow_downgrade: request.allow_downgrade,
             actor: &actor,
             at: &clock::now_rfc3339(),
         })
@@ -59,6 +60,16 @@ pub(super) async fn create(
                 ),
             ));
         }
+        CreatedDeployment::DowngradeNotAllowed => {
+            return Err(ApiError::unprocessable(
+                "downgrade-not-allowed",
+                format!(
+                    "release {} was not built with --allow-downgrade: its signed manifest does \
+                     not allow a downgrade, so a deployment cannot allow one",
+                    request.release
+                ),
+            ));
+        }
         CreatedDeployment::EmptyTarget => {
             return Err(ApiError::unprocessable(
                 "empty-target",
@@ -70,6 +81,7 @@ pub(super) async fn create(
         deployment = %deployment_id,
         release = %request.release,
         %target,
+        allow_downgrade = request.allow_downgrade,
         devices = device_ids.len(),
         operator = %operator.name,
         "deployment created"

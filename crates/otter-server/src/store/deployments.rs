@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use otter_proto::api::{DeploymentDevice, DeploymentInfo, DeploymentStatus, Target};
 use otter_proto::deployment::{self, Phase};
+use otter_proto::manifest::Manifest;
 use otter_proto::messages::{DeviceEvent, Mode};
 use otter_proto::topics::DeviceId;
 use sqlx::Row;
@@ -19,6 +20,10 @@ pub struct DeploymentCreation<'a> {
     pub deployment_id: &'a str,
     pub release_id: &'a str,
     pub target: &'a Target,
+    /// Devices may install the release over a newer version; refused
+    /// ([`CreatedDeployment::DowngradeNotAllowed`]) unless the release's
+    /// signed manifest allows it too.
+    pub allow_downgrade: bool,
     pub actor: &'a Actor,
     pub at: &'a str,
 }
@@ -38,6 +43,9 @@ pub enum CreatedDeployment {
     },
     /// The target matched no device of a compatible hardware.
     EmptyTarget,
+    /// A downgrade was asked for, but the release's signed manifest does not
+    /// allow one.
+    DowngradeNotAllowed,
 }
 
 /// A device's place in a deployment, as the notifier needs it.
@@ -46,6 +54,8 @@ pub struct NotificationTarget {
     pub deployment_id: String,
     pub release_id: String,
     pub phase: Phase,
+    /// The deployment allows a downgrade; carried to the device.
+    pub allow_downgrade: bool,
 }
 
 /// A targeted device as the batch notifier needs it
@@ -95,15 +105,27 @@ impl Store {
         creation: &DeploymentCreation<'_>,
     ) -> Result<CreatedDeployment, StoreError> {
         let mut transaction = self.begin_write().await?;
-        let release_hardware: Option<String> =
-            sqlx::query_scalar("SELECT hardware FROM releases WHERE id = $1")
-                .bind(creation.release_id)
-                .fetch_optional(&mut *transaction)
-                .await?;
-        let Some(release_hardware) = release_hardware else {
+        let release = sqlx::query("SELECT hardware, manifest_json FROM releases WHERE id = $1")
+            .bind(creation.release_id)
+            .fetch_optional(&mut *transaction)
+            .await?;
+        let Some(release) = release else {
             return Ok(CreatedDeployment::UnknownRelease);
         };
-        let release_hardware: Vec<String> = json_column("releases.hardware", &release_hardware)?;
+        let release_hardware: Vec<String> = json_column(
+            "releases.hardware",
+            &release.try_get::<String, _>("hardware")?,
+        )?;
+        if creation.allow_downgrade {
+            // The manifest was verified at upload; parsing it again reads
+            // the signed flag, never a copy that could disagree with it.
+            let manifest_json: String = release.try_get("manifest_json")?;
+            let manifest = Manifest::from_json(&manifest_json)
+                .map_err(|e| StoreError::corrupt("releases.manifest_json", e))?;
+            if !manifest.allow_downgrade {
+                return Ok(CreatedDeployment::DowngradeNotAllowed);
+            }
+        }
 
         let candidates = match creation.target {
             Target::All => {
@@ -147,13 +169,15 @@ impl Store {
         }
 
         sqlx::query(
-            "INSERT INTO deployments (id, release_id, target, created_at, created_by) VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO deployments (id, release_id, target, created_at, created_by, allow_downgrade) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(creation.deployment_id)
         .bind(creation.release_id)
         .bind(creation.target.to_string())
         .bind(creation.at)
         .bind(creation.actor.name.as_str())
+        .bind(i64::from(creation.allow_downgrade))
         .execute(&mut *transaction)
         .await?;
         let created = AuditRecord::new(creation.actor, AuditEvent::DeploymentCreated)
@@ -163,6 +187,7 @@ impl Store {
                 "target": creation.target.to_string(),
                 "devices": device_ids.len(),
                 "skipped_incompatible_hardware": skipped,
+                "allow_downgrade": creation.allow_downgrade,
             }));
         audit::append(&mut transaction, creation.at, &created).await?;
         for device_id in &device_ids {
@@ -188,7 +213,8 @@ impl Store {
     /// All deployments, newest first.
     pub async fn deployments(&self) -> Result<Vec<DeploymentInfo>, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, release_id, target, created_at, created_by FROM deployments ORDER BY created_at DESC, id",
+            "SELECT id, release_id, target, created_at, created_by, allow_downgrade FROM deployments \
+             ORDER BY created_at DESC, id",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -222,7 +248,8 @@ impl Store {
         deployment_id: &str,
     ) -> Result<Option<DeploymentStatus>, StoreError> {
         let row = sqlx::query(
-            "SELECT id, release_id, target, created_at, created_by FROM deployments WHERE id = $1",
+            "SELECT id, release_id, target, created_at, created_by, allow_downgrade FROM deployments \
+             WHERE id = $1",
         )
         .bind(deployment_id)
         .fetch_optional(&self.pool)
@@ -263,7 +290,7 @@ impl Store {
         device_id: &DeviceId,
     ) -> Result<Option<NotificationTarget>, StoreError> {
         let row = sqlx::query(
-            "SELECT t.phase, d.release_id FROM deployment_targets t \
+            "SELECT t.phase, d.release_id, d.allow_downgrade FROM deployment_targets t \
              JOIN deployments d ON d.id = t.deployment_id \
              WHERE t.deployment_id = $1 AND t.device_id = $2",
         )
@@ -276,6 +303,7 @@ impl Store {
             deployment_id: deployment_id.to_owned(),
             release_id: row.try_get("release_id")?,
             phase: parse_phase(&row.try_get::<String, _>("phase")?)?,
+            allow_downgrade: row.try_get::<i64, _>("allow_downgrade")? != 0,
         }))
     }
 
@@ -555,5 +583,6 @@ fn deployment_info(
         devices,
         phases,
         complete,
+        allow_downgrade: row.try_get::<i64, _>("allow_downgrade")? != 0,
     })
 }

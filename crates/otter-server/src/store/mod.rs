@@ -47,7 +47,7 @@ pub use deployments::{
 pub use devices::{BatchEnrollOutcome, EnrollOutcome, NewDevice, RegistrationOutcome};
 pub use links::{DownloadRelease, NewLink};
 pub use push::PushProgress;
-pub use releases::{NewRelease, ReleaseInsertOutcome, StoredRelease};
+pub use releases::{DeploymentRelease, NewRelease, ReleaseInsertOutcome, StoredRelease};
 pub use tokens::{NewToken, Operator, TokenCreated, TokenRevoked};
 
 /// Why a store operation failed. Expected outcomes (a duplicate, an unknown

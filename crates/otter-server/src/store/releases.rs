@@ -177,20 +177,34 @@ fn release_from_row(row: &AnyRow) -> Result<StoredRelease, StoreError> {
     })
 }
 
+/// What [`Store::release_of_deployment`] reads: the release and what the
+/// deployment adds to every notification of it.
+#[derive(Debug, Clone)]
+pub struct DeploymentRelease {
+    pub release: StoredRelease,
+    /// The deployment allows a downgrade (`deployments.allow_downgrade`).
+    pub allow_downgrade: bool,
+}
+
 impl Store {
     /// The release a deployment delivers, or `None` for an unknown deployment.
     pub async fn release_of_deployment(
         &self,
         deployment_id: &str,
-    ) -> Result<Option<StoredRelease>, StoreError> {
-        let release_id: Option<String> =
-            sqlx::query_scalar("SELECT release_id FROM deployments WHERE id = $1")
-                .bind(deployment_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        match release_id {
-            Some(release_id) => self.release(&release_id).await,
-            None => Ok(None),
-        }
+    ) -> Result<Option<DeploymentRelease>, StoreError> {
+        let row = sqlx::query("SELECT release_id, allow_downgrade FROM deployments WHERE id = $1")
+            .bind(deployment_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let release_id: String = row.try_get("release_id")?;
+        let allow_downgrade = row.try_get::<i64, _>("allow_downgrade")? != 0;
+        Ok(self
+            .release(&release_id)
+            .await?
+            .map(|release| DeploymentRelease {
+                release,
+                allow_downgrade,
+            }))
     }
 }
