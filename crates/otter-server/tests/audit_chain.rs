@@ -517,3 +517,68 @@ async fn a_malformed_key_file_is_refused() {
     // Nothing was created.
     assert!(!dir.path().join("otter.db").exists());
 }
+
+/// Batches are written with multi-row statements (400 rows each): a batch
+/// that spans several statements, appended after single rows, chains and
+/// verifies exactly like rows appended one by one, in order, with each row's
+/// own time.
+#[tokio::test]
+async fn a_batch_spanning_several_statements_chains_like_single_rows() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = store_with_rows(dir.path()).await;
+    let server = Actor::server();
+    const BATCH: usize = 950;
+    let rows: Vec<otter_server::audit::QueuedAudit> = (0..BATCH)
+        .map(|index| {
+            let record = AuditRecord::new(&server, AuditEvent::DownloadServed)
+                .device("dev-00002")
+                .details(serde_json::json!({ "index": index }));
+            otter_server::audit::QueuedAudit::of(
+                format!("2026-11-25T21:00:{:02}.{:03}Z", index / 1000, index % 1000),
+                &record,
+            )
+        })
+        .collect();
+    store.append_audits(&rows).await.unwrap();
+    // And one more single row after the batch.
+    let record = AuditRecord::new(&server, AuditEvent::MessageRejected).device("dev-00003");
+    store
+        .append_audit(&otter_server::clock::now_rfc3339(), &record)
+        .await
+        .unwrap();
+
+    let total = ROWS + BATCH as u64 + 1;
+    assert_intact(&store.verify_audit().await.unwrap(), total);
+    let pool = raw(dir.path()).await;
+    let batch = sqlx::query(
+        "SELECT seq, at, details FROM audit WHERE event = 'download.served' ORDER BY seq",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(batch.len(), BATCH);
+    for (index, row) in batch.iter().enumerate() {
+        assert_eq!(row.get::<i64, _>("seq"), ROWS as i64 + 1 + index as i64);
+        let details: serde_json::Value =
+            serde_json::from_str(&row.get::<String, _>("details")).unwrap();
+        assert_eq!(details["index"], index);
+        assert_eq!(
+            row.get::<String, _>("at"),
+            format!("2026-11-25T21:00:{:02}.{:03}Z", index / 1000, index % 1000)
+        );
+    }
+
+    // An edit inside the second statement's rows is still found.
+    drop_triggers(&pool).await;
+    let target = ROWS as i64 + 1 + 500;
+    sqlx::query("UPDATE audit SET details = '{\"index\":0}' WHERE seq = ?")
+        .bind(target)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_broken_at(
+        &store.verify_audit().await.unwrap(),
+        target,
+        AuditProblemKind::Altered,
+    );
+}

@@ -96,6 +96,9 @@ pub enum ReportApplied {
 /// SQLite's parameter limit.
 const PHASE_READ_CHUNK: usize = 500;
 
+/// Devices per `UPDATE … IN (…)` statement.
+const DEVICES_PER_UPDATE: usize = 500;
+
 impl Store {
     /// Resolves `target` and stores the deployment, its targets (phase
     /// pending) and their audit rows in one transaction (steps 2–3).
@@ -190,22 +193,45 @@ impl Store {
                 "allow_downgrade": creation.allow_downgrade,
             }));
         audit::append(&mut transaction, creation.at, &created).await?;
-        for device_id in &device_ids {
-            sqlx::query(
-                "INSERT INTO deployment_targets (deployment_id, device_id, phase, updated_at) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(creation.deployment_id)
-            .bind(device_id.as_str())
-            .bind(Phase::Pending.as_str())
-            .bind(creation.at)
-            .execute(&mut *transaction)
-            .await?;
-            let targeted = AuditRecord::new(creation.actor, AuditEvent::DeploymentTargeted)
-                .device(device_id.as_str())
-                .deployment(creation.deployment_id)
-                .details(serde_json::json!({ "release": creation.release_id }));
-            audit::append(&mut transaction, creation.at, &targeted).await?;
+        // Multi-row statements: 10,000 targets are 20 statements, not 10,000.
+        for chunk in device_ids.chunks(DEVICES_PER_UPDATE) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|row| {
+                    let first = row * 4 + 1;
+                    format!(
+                        "(${}, ${}, ${}, ${})",
+                        first,
+                        first + 1,
+                        first + 2,
+                        first + 3
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO deployment_targets (deployment_id, device_id, phase, updated_at) VALUES {}",
+                values.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for device_id in chunk {
+                query = query
+                    .bind(creation.deployment_id)
+                    .bind(device_id.as_str())
+                    .bind(Phase::Pending.as_str())
+                    .bind(creation.at);
+            }
+            query.execute(&mut *transaction).await?;
         }
+        let targeted: Vec<(&str, AuditRecord<'_>)> = device_ids
+            .iter()
+            .map(|device_id| {
+                let record = AuditRecord::new(creation.actor, AuditEvent::DeploymentTargeted)
+                    .device(device_id.as_str())
+                    .deployment(creation.deployment_id)
+                    .details(serde_json::json!({ "release": creation.release_id }));
+                (creation.at, record)
+            })
+            .collect();
+        audit::append_all(&mut transaction, &targeted).await?;
         transaction.commit().await?;
         Ok(CreatedDeployment::Created { device_ids })
     }
@@ -396,24 +422,34 @@ impl Store {
         }
         let actor = Actor::server();
         let mut transaction = self.begin_write().await?;
-        for (device_id, details) in deliveries {
-            sqlx::query(
+        // One statement per chunk of devices rather than one each.
+        for chunk in deliveries.chunks(DEVICES_PER_UPDATE) {
+            let sql = format!(
                 "UPDATE deployment_targets SET phase = $1, updated_at = $2 \
-                 WHERE deployment_id = $3 AND device_id = $4 AND phase = $5",
-            )
-            .bind(Phase::Notified.as_str())
-            .bind(at)
-            .bind(deployment_id)
-            .bind(device_id.as_str())
-            .bind(Phase::Pending.as_str())
-            .execute(&mut *transaction)
-            .await?;
-            let record = AuditRecord::new(&actor, AuditEvent::NotificationSent)
-                .device(device_id.as_str())
-                .deployment(deployment_id)
-                .details(details.clone());
-            audit::append(&mut transaction, at, &record).await?;
+                 WHERE deployment_id = $3 AND phase = $4 AND device_id IN ({})",
+                super::placeholders(5, chunk.len())
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
+                .bind(Phase::Notified.as_str())
+                .bind(at)
+                .bind(deployment_id)
+                .bind(Phase::Pending.as_str());
+            for (device_id, _) in chunk {
+                query = query.bind(device_id.as_str());
+            }
+            query.execute(&mut *transaction).await?;
         }
+        let records: Vec<(&str, AuditRecord<'_>)> = deliveries
+            .iter()
+            .map(|(device_id, details)| {
+                let record = AuditRecord::new(&actor, AuditEvent::NotificationSent)
+                    .device(device_id.as_str())
+                    .deployment(deployment_id)
+                    .details(details.clone());
+                (at, record)
+            })
+            .collect();
+        audit::append_all(&mut transaction, &records).await?;
         transaction.commit().await?;
         Ok(())
     }

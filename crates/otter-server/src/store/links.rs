@@ -9,6 +9,9 @@ use sqlx::Row;
 use sqlx::any::AnyRow;
 
 use super::{Store, StoreError};
+
+/// Links per `INSERT` statement (five parameters each).
+const LINKS_PER_INSERT: usize = 500;
 use crate::audit::{self, Actor, AuditEvent, AuditRecord};
 use crate::links::{LinkId, StoredLink};
 
@@ -80,26 +83,51 @@ impl Store {
         }
         let actor = Actor::server();
         let mut transaction = self.begin_write().await?;
-        for link in links {
-            sqlx::query(
-                "INSERT INTO links (id, deployment_id, device_id, created_at, expires_at) VALUES ($1, $2, $3, $4, $5)",
-            )
-            .bind(link.link_id.to_hex())
-            .bind(deployment_id)
-            .bind(link.device_id.as_str())
-            .bind(at)
-            .bind(link.expires_at)
-            .execute(&mut *transaction)
-            .await?;
-            let record = AuditRecord::new(&actor, AuditEvent::LinkCreated)
-                .device(link.device_id.as_str())
-                .deployment(deployment_id)
-                .details(serde_json::json!({
-                    "link_id": link.link_id.to_hex(),
-                    "expires_at": link.expires_at,
-                }));
-            audit::append(&mut transaction, at, &record).await?;
+        // One multi-row statement per chunk: a batch of 500 links is two
+        // statements, not 500 round trips to SQLite's worker.
+        for chunk in links.chunks(LINKS_PER_INSERT) {
+            let values: Vec<String> = (0..chunk.len())
+                .map(|row| {
+                    let first = row * 5 + 1;
+                    format!(
+                        "(${}, ${}, ${}, ${}, ${})",
+                        first,
+                        first + 1,
+                        first + 2,
+                        first + 3,
+                        first + 4
+                    )
+                })
+                .collect();
+            let sql = format!(
+                "INSERT INTO links (id, deployment_id, device_id, created_at, expires_at) VALUES {}",
+                values.join(", ")
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for link in chunk {
+                query = query
+                    .bind(link.link_id.to_hex())
+                    .bind(deployment_id)
+                    .bind(link.device_id.as_str())
+                    .bind(at)
+                    .bind(link.expires_at);
+            }
+            query.execute(&mut *transaction).await?;
         }
+        let records: Vec<(&str, AuditRecord<'_>)> = links
+            .iter()
+            .map(|link| {
+                let record = AuditRecord::new(&actor, AuditEvent::LinkCreated)
+                    .device(link.device_id.as_str())
+                    .deployment(deployment_id)
+                    .details(serde_json::json!({
+                        "link_id": link.link_id.to_hex(),
+                        "expires_at": link.expires_at,
+                    }));
+                (at, record)
+            })
+            .collect();
+        audit::append_all(&mut transaction, &records).await?;
         transaction.commit().await?;
         Ok(())
     }

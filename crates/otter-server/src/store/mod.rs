@@ -249,9 +249,11 @@ impl Store {
     /// Appends queued rows in one transaction, in order.
     pub async fn append_audits(&self, rows: &[audit::QueuedAudit]) -> Result<(), StoreError> {
         let mut transaction = self.begin_write().await?;
-        for row in rows {
-            audit::append(&mut transaction, &row.at, &row.record()).await?;
-        }
+        let records: Vec<(&str, AuditRecord<'_>)> = rows
+            .iter()
+            .map(|row| (row.at.as_str(), row.record()))
+            .collect();
+        audit::append_all(&mut transaction, &records).await?;
         transaction.commit().await?;
         Ok(())
     }
