@@ -1,23 +1,37 @@
-//! Every message a device or the server decodes from the network: JSON
-//! messages, manifests, topics, push chunks. None may panic.
+//! Every JSON message a device or the server decodes: `Registration`,
+//! `StatusReport` and `PushAck` (server, from MQTT and `POST /v1/poll`,
+//! `POST /v1/status`), `ServerMessage` (device, from `notify`) and
+//! `PollResponse` (device, from the poll answer).
+//!
+//! Properties: `decode` never panics, and a message it accepts survives
+//! `encode` → `decode` unchanged, so what one side sends is what the other
+//! reads.
 #![no_main]
+
+use std::fmt::Debug;
 
 use libfuzzer_sys::fuzz_target;
 use otter_proto::messages::{
-    PollResponse, PushAck, Registration, ServerMessage, StatusReport, decode,
+    PollResponse, PushAck, Registration, ServerMessage, StatusReport, decode, encode,
 };
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+fn round_trips<T: Serialize + DeserializeOwned + PartialEq + Debug>(data: &[u8]) {
+    if let Ok(message) = decode::<T>(data) {
+        assert_eq!(
+            decode::<T>(&encode(&message)).as_ref(),
+            Ok(&message),
+            "a {} does not survive encode → decode",
+            std::any::type_name::<T>()
+        );
+    }
+}
 
 fuzz_target!(|data: &[u8]| {
-    let _ = decode::<Registration>(data);
-    let _ = decode::<StatusReport>(data);
-    let _ = decode::<ServerMessage>(data);
-    let _ = decode::<PushAck>(data);
-    let _ = decode::<PollResponse>(data);
-    let _ = otter_proto::push::PushChunk::decode(data);
-    if let Ok(text) = std::str::from_utf8(data) {
-        let _ = otter_proto::manifest::Manifest::from_json(text);
-        let _ = otter_proto::topics::parse_device_topic(text);
-        let _ = otter_proto::api::Target::parse(text);
-        let _ = otter_proto::manifest::parse_release_id(text);
-    }
+    round_trips::<Registration>(data);
+    round_trips::<StatusReport>(data);
+    round_trips::<PushAck>(data);
+    round_trips::<ServerMessage>(data);
+    round_trips::<PollResponse>(data);
 });
