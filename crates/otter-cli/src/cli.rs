@@ -140,6 +140,17 @@ pub enum DeviceCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Revoke device ID's certificate: the broker and the device endpoint
+    /// refuse it at once, live connections included; its pending links are
+    /// revoked. A second revoke is refused (409).
+    Revoke {
+        id: String,
+        /// Why, kept in the audit log.
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

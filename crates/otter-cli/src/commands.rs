@@ -181,6 +181,17 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
             hardware,
             out,
         }) => enroll(client, &id, tags, hardware, &out).await?,
+        Command::Device(DeviceCommand::Revoke { id, reason, json }) => {
+            let path = format!("/api/v1/devices/{}/revoke", query_value(&id)?);
+            let device: DeviceInfo = client
+                .post_json(&path, &otter_proto::api::RevokeDeviceRequest { reason })
+                .await?;
+            if json {
+                output::json(&device)?;
+            } else {
+                println!("revoked {}", device.device_id);
+            }
+        }
         Command::Devices(DevicesCommand::List { tag, json }) => {
             let path = match &tag {
                 Some(tag) => format!("/api/v1/devices?tag={}", query_value(tag)?),
@@ -204,6 +215,7 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
                                 .to_owned(),
                             installed_summary(&d.installed),
                             output::or_dash(d.last_seen.as_deref()),
+                            output::or_dash(d.revoked_at.as_deref()),
                         ]
                     })
                     .collect::<Vec<_>>();
@@ -216,6 +228,7 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
                         "VIA",
                         "INSTALLED",
                         "LAST SEEN",
+                        "REVOKED",
                     ],
                     &rows,
                 );

@@ -83,6 +83,19 @@ pub struct DeviceInfo {
     /// How the device first registered: over MQTT, or by polling the device
     /// HTTPS endpoint (a pull-mode device). `None` before any registration.
     pub registered_via: Option<Channel>,
+    /// RFC 3339 time its current certificate was revoked (`otter device
+    /// revoke`); `None` while it is valid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at: Option<String>,
+}
+
+/// `POST /api/v1/devices/{id}/revoke`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeDeviceRequest {
+    /// Why, kept in the audit row.
+    #[serde(default)]
+    pub reason: Option<String>,
 }
 
 /// The channel a device speaks to the server on.

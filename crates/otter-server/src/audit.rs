@@ -132,6 +132,8 @@ pub enum AuditEvent {
     TokenCreated,
     /// An operator token was revoked, with its name and role.
     TokenRevoked,
+    /// A device certificate was revoked, with its serial and the reason.
+    DeviceRevoked,
 }
 
 impl AuditEvent {
@@ -159,6 +161,7 @@ impl AuditEvent {
             AuditEvent::PushCompleted => "push.completed",
             AuditEvent::TokenCreated => "token.created",
             AuditEvent::TokenRevoked => "token.revoked",
+            AuditEvent::DeviceRevoked => "device.revoked",
         }
     }
 }

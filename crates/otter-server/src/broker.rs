@@ -100,6 +100,9 @@ pub struct BrokerConfig {
     pub max_packet_size: u32,
     /// Capacity of the device event channel.
     pub event_capacity: usize,
+    /// Revoked certificate serials: refused at CONNECT; a revoked device's
+    /// live session is kicked when the revocation is announced.
+    pub revocations: crate::revocation::Revocations,
 }
 
 impl BrokerConfig {
@@ -113,6 +116,7 @@ impl BrokerConfig {
             server_key: pki.server_key_path().to_owned(),
             max_packet_size: 1024 * 1024,
             event_capacity: 8192,
+            revocations: crate::revocation::Revocations::default(),
         }
     }
 }
@@ -169,11 +173,56 @@ struct BrokerInner {
     /// Identity of the server's own publishes.
     server_identity: Id,
     accept_loop: tokio::task::JoinHandle<()>,
+    /// [`kick_revoked`].
+    revocation_listener: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for BrokerInner {
     fn drop(&mut self) {
         self.accept_loop.abort();
+        self.revocation_listener.abort();
+    }
+}
+
+/// Disconnects (and discards the session of) each device announced as
+/// revoked; its reconnect is then refused by [`authenticate`].
+async fn kick_revoked(
+    scx: ServerContext,
+    listener_id: u16,
+    mut revoked: tokio::sync::broadcast::Receiver<DeviceId>,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    loop {
+        let device_id = match revoked.recv().await {
+            Ok(device_id) => device_id,
+            Err(RecvError::Lagged(missed)) => {
+                tracing::warn!(
+                    missed,
+                    "revocation announcements missed; sessions not kicked"
+                );
+                continue;
+            }
+            Err(RecvError::Closed) => return,
+        };
+        let shared = scx.extends.shared().await;
+        if !shared.exist(device_id.as_str()) {
+            continue;
+        }
+        let id = Id::new(
+            scx.node.id(),
+            listener_id,
+            None,
+            None,
+            device_id.as_str().into(),
+            None,
+        );
+        let mut entry = shared.entry(id);
+        match entry.kick(true, true, true).await {
+            Ok(_) => tracing::info!(device = %device_id, "revoked device disconnected"),
+            Err(error) => {
+                tracing::warn!(device = %device_id, %error, "kicking a revoked device failed")
+            }
+        }
     }
 }
 
@@ -315,6 +364,7 @@ pub async fn start_embedded(
                 hook_type,
                 Box::new(DeviceHooks {
                     events: event_sender.clone(),
+                    revocations: config.revocations.clone(),
                 }),
             )
             .await;
@@ -340,12 +390,18 @@ pub async fn start_embedded(
         SERVER_CLIENT_ID.into(),
         None,
     );
+    let revocation_listener = tokio::spawn(kick_revoked(
+        scx.clone(),
+        listener_id,
+        config.revocations.subscribe(),
+    ));
     tracing::info!(%local_addr, "embedded mqtt broker listening");
     let broker = EmbeddedBroker {
         inner: Arc::new(BrokerInner {
             scx,
             server_identity,
             accept_loop,
+            revocation_listener,
         }),
     };
     Ok((broker, local_addr, event_receiver))
@@ -355,6 +411,7 @@ pub async fn start_embedded(
 /// events to the server core.
 struct DeviceHooks {
     events: mpsc::Sender<BrokerEvent>,
+    revocations: crate::revocation::Revocations,
 }
 
 impl DeviceHooks {
@@ -370,7 +427,7 @@ impl DeviceHooks {
     async fn handle(&self, param: &Parameter<'_>, accumulated: Option<HookResult>) -> ReturnType {
         match param {
             Parameter::ClientAuthenticate(connect_info) => {
-                let result = match authenticate(connect_info) {
+                let result = match authenticate(connect_info, &self.revocations) {
                     Ok(_) => AuthResult::Allow(false, None),
                     Err(reason) => {
                         tracing::info!(client_id = %connect_info.client_id(), reason, "mqtt connection refused");
@@ -481,13 +538,24 @@ impl Handler for DeviceHooks {
 }
 
 /// The device a CONNECT may be admitted as, or why not: the client
-/// certificate's CN must be a valid device id equal to the client id, and a
+/// certificate must not be revoked, its CN must be a valid device id equal
+/// to the client id, and a
 /// last will may only target a topic the device may publish to (rmqtt
 /// publishes wills without the publish ACL).
-fn authenticate(connect_info: &ConnectInfo) -> Result<DeviceId, &'static str> {
+fn authenticate(
+    connect_info: &ConnectInfo,
+    revocations: &crate::revocation::Revocations,
+) -> Result<DeviceId, &'static str> {
     let certificate = connect_info
         .cert()
         .ok_or("no client certificate information")?;
+    let serial = certificate
+        .serial
+        .as_deref()
+        .ok_or("client certificate has no serial")?;
+    if revocations.is_revoked(serial) {
+        return Err("client certificate is revoked");
+    }
     let common_name = certificate
         .common_name
         .as_deref()

@@ -22,6 +22,9 @@
 //! device TLS configuration of the PKI, which requires a client certificate
 //! of the device CA) so that the verified certificate's device id can be put
 //! into each request's extensions as [`PeerDevice`] before axum sees it. A
+//! A request made with a revoked certificate (see [`crate::revocation`]) is
+//! answered `403 device-revoked` before routing, on every request, so a
+//! connection kept alive from before the revocation is refused too. A
 //! semaphore bounds connections, the handshake has a deadline, and shutdown
 //! stops accepting, lets requests in flight finish, and waits (bounded) for
 //! connections to close.
@@ -61,6 +64,7 @@ use crate::links::{self, LinkRefusal, LinkSecret, LinkToken};
 use crate::metrics::{CountedDownload, CountingStream, metrics};
 use crate::notify::{Notifier, NotifyError, Preparation, PreparedUpdate};
 use crate::pki;
+use crate::revocation::Revocations;
 use crate::store::{RegistrationOutcome, Store};
 
 /// A poll whose registration equals the stored one refreshes the device's
@@ -137,6 +141,7 @@ pub async fn serve(
     tls: Arc<rustls::ServerConfig>,
     router: Router,
     limits: DeviceEndpointLimits,
+    revocations: Revocations,
     shutdown: CancellationToken,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -164,6 +169,7 @@ pub async fn serve(
         let acceptor = acceptor.clone();
         let router = router.clone();
         let limits = limits.clone();
+        let revocations = revocations.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
             // Held for the connection's lifetime: bounds concurrent connections
@@ -185,21 +191,30 @@ pub async fn serve(
                     return;
                 }
             };
-            let device_id = tls_stream
+            let identity = tls_stream
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(|certificate| pki::device_id_from_certificate(certificate.as_ref()));
-            let Some(device_id) = device_id else {
+                .and_then(|certificate| pki::certificate_identity(certificate.as_ref()));
+            let Some(identity) = identity else {
                 tracing::debug!(%peer_address, "client certificate names no valid device id");
                 return;
             };
-            let peer = PeerDevice(device_id);
+            let peer = PeerDevice(identity.device_id);
+            let serial = identity.serial_hex;
             let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
+                // Checked per request, not per connection, so a revocation
+                // also refuses a connection kept alive from before it.
+                let revoked = revocations
+                    .is_revoked(&serial)
+                    .then(|| revoked_answer(&peer));
                 request.extensions_mut().insert(peer.clone());
                 let router = router.clone();
                 async move {
+                    if let Some(answer) = revoked {
+                        return Ok(answer);
+                    }
                     router
                         .oneshot(request)
                         .await
@@ -297,6 +312,24 @@ pub fn decide_range(header_value: Option<&str>, size: u64) -> RangeDecision {
         start,
         end: end.map_or(size - 1, |end| end.min(size - 1)),
     }
+}
+
+/// `403 device-revoked`, closing the connection: every request made with a
+/// revoked certificate gets it, before any handler runs or anything is read
+/// or stored.
+fn revoked_answer(peer: &PeerDevice) -> Response {
+    use axum::response::IntoResponse;
+    tracing::info!(device = %peer.0, "request with a revoked certificate refused");
+    let mut response = ApiError::new(
+        StatusCode::FORBIDDEN,
+        "device-revoked",
+        format!("the certificate of device {} is revoked", peer.0),
+    )
+    .into_response();
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
 }
 
 fn refusal_error(refusal: LinkRefusal) -> ApiError {

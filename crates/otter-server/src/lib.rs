@@ -35,6 +35,7 @@ pub mod metrics;
 pub mod notify;
 pub mod pki;
 pub mod push;
+pub mod revocation;
 pub mod store;
 
 use std::future::Future;
@@ -130,6 +131,12 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         .await
         .with_context(|| format!("cannot open the database {}", data_dir.database().display()))?;
     ensure_admin_token(&store, &data_dir.admin_token()).await?;
+    let revocations = revocation::Revocations::new(
+        store
+            .revoked_serials()
+            .await
+            .context("cannot load the revoked device certificates")?,
+    );
 
     let api_listener = TcpListener::bind(config.api_addr)
         .await
@@ -143,6 +150,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
     let mut broker_config = BrokerConfig::from_pki(config.mqtt_addr, &pki);
     broker_config.max_packet_size =
         u32::try_from(otter_proto::MAX_MESSAGE_BYTES + 4096).unwrap_or(u32::MAX);
+    broker_config.revocations = revocations.clone();
     let (broker, mqtt_bound, broker_events) = broker::start_embedded(broker_config)
         .await
         .with_context(|| format!("cannot start the MQTT broker on {}", config.mqtt_addr))?;
@@ -188,6 +196,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         tmp_dir: data_dir.tmp(),
         max_upload_bytes: config.max_upload_bytes,
         engine: engine_commands,
+        revocations: revocations.clone(),
     };
     let api_stop = stop.clone();
     let mut api_task = tokio::spawn(async move {
@@ -207,6 +216,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         device_tls,
         device_router,
         config.device_limits.clone(),
+        revocations,
         stop.clone(),
     ));
 

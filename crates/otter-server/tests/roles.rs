@@ -72,6 +72,9 @@ impl Fixture {
     fn path(&self, spec: &RouteSpec) -> String {
         match spec.path {
             "/api/v1/devices/{id}" => format!("/api/v1/devices/{}", self.device_id),
+            "/api/v1/devices/{id}/revoke" => {
+                format!("/api/v1/devices/{}/revoke", self.device_id)
+            }
             "/api/v1/releases/{id}" => format!("/api/v1/releases/{}", self.release_id),
             "/api/v1/deployments/{id}" => format!("/api/v1/deployments/{}", self.deployment_id),
             "/api/v1/tokens/{name}" => format!("/api/v1/tokens/{}", self.victim_token),

@@ -1,6 +1,12 @@
 //! `POST /api/v1/devices` (enrolment: issue a certificate, store the device),
 //! `POST /api/v1/devices/batch` (many at once, all or none) and the device
-//! listing.
+//! listing, and `POST /api/v1/devices/{id}/revoke`.
+//!
+//! A revocation is stored (the certificate's serial, the device's pending
+//! links revoked, `device.revoked` audited), then added to the shared
+//! in-memory set, which kicks the device's MQTT session and makes the device
+//! endpoint refuse its certificate. A second revoke of the same certificate
+//! is `409 device-revoked` and changes nothing.
 //!
 //! A batch is checked as a whole before anything is issued (every request
 //! valid, no id twice, none enrolled yet), its certificates are issued on
@@ -13,7 +19,7 @@ use axum::extract::{Json, Path, Query, State};
 use axum::http::StatusCode;
 use otter_proto::api::{
     BatchEnrollRequest, BatchEnrollResponse, DeviceInfo, EnrollRequest, EnrollResponse,
-    MAX_BATCH_ENROLL,
+    MAX_BATCH_ENROLL, RevokeDeviceRequest,
 };
 use otter_proto::manifest::validate_name;
 use otter_proto::topics::DeviceId;
@@ -24,7 +30,7 @@ use crate::audit::Actor;
 use crate::clock;
 use crate::error::ApiError;
 use crate::pki::IssuedCertificate;
-use crate::store::{BatchEnrollOutcome, EnrollOutcome, NewDevice};
+use crate::store::{BatchEnrollOutcome, DeviceRevoked, EnrollOutcome, NewDevice};
 
 /// Most tags one device may carry.
 const MAX_TAGS: usize = 64;
@@ -243,4 +249,49 @@ async fn show_device(state: &ApiState, id: &str) -> Result<Json<DeviceInfo>, Api
         .await?
         .map(Json)
         .ok_or_else(unknown)
+}
+
+/// Longest revocation reason kept, in bytes.
+const MAX_REASON_LEN: usize = 1024;
+
+pub(super) async fn revoke(
+    State(state): State<ApiState>,
+    Authenticated(operator): Authenticated,
+    Path(id): Path<String>,
+    body: Result<Json<RevokeDeviceRequest>, JsonRejection>,
+) -> Result<Json<DeviceInfo>, ApiError> {
+    let request = json_body(body)?;
+    if let Some(reason) = &request.reason
+        && (reason.len() > MAX_REASON_LEN || reason.chars().any(char::is_control))
+    {
+        return Err(ApiError::unprocessable(
+            "invalid-request",
+            format!("reason: at most {MAX_REASON_LEN} bytes, no control characters"),
+        ));
+    }
+    let unknown = || ApiError::not_found("unknown-device", format!("no device {id:?}"));
+    let device_id = DeviceId::parse(&id).map_err(|_| unknown())?;
+    let outcome = state
+        .store
+        .revoke_device(
+            &device_id,
+            request.reason.as_deref(),
+            &Actor::operator(&operator.name),
+            &clock::now_rfc3339(),
+        )
+        .await?;
+    match outcome {
+        DeviceRevoked::Revoked { serial } => {
+            state.revocations.revoke(&device_id, &serial);
+            tracing::info!(device = %device_id, operator = %operator.name, "device certificate revoked");
+        }
+        DeviceRevoked::UnknownDevice => return Err(unknown()),
+        DeviceRevoked::AlreadyRevoked => {
+            return Err(ApiError::conflict(
+                "device-revoked",
+                format!("the certificate of device {device_id} is already revoked"),
+            ));
+        }
+    }
+    show_device(&state, &id).await
 }

@@ -73,6 +73,9 @@ pub struct ApiState {
     pub max_upload_bytes: u64,
     /// Asks the engine to notify the devices of a new deployment (step 4).
     pub engine: mpsc::Sender<EngineCommand>,
+    /// Revoked certificate serials, shared with the broker and the device
+    /// endpoint; a revocation is added here once committed.
+    pub revocations: crate::revocation::Revocations,
 }
 
 /// Who may call a route.
@@ -163,6 +166,12 @@ fn routes() -> Vec<ApiRoute> {
             devices::enroll_batch,
         ),
         route(Get, "/api/v1/devices/{id}", VIEWER, devices::show),
+        route(
+            Post,
+            "/api/v1/devices/{id}/revoke",
+            OPERATOR,
+            devices::revoke,
+        ),
         route(Get, "/api/v1/releases", VIEWER, releases::list),
         route(Post, "/api/v1/releases", OPERATOR, releases::upload),
         route(Get, "/api/v1/releases/{id}", VIEWER, releases::show),

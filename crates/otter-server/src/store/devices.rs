@@ -49,7 +49,8 @@ pub enum RegistrationOutcome {
     UnknownDevice,
 }
 
-const DEVICE_COLUMNS: &str = "id, hardware, enrolled_at, mode, agent_version, installed, capabilities, registered_at, last_seen, registered_via";
+const DEVICE_COLUMNS: &str = "id, hardware, enrolled_at, mode, agent_version, installed, capabilities, registered_at, last_seen, registered_via, \
+     (SELECT MAX(r.revoked_at) FROM revoked_certificates r WHERE r.serial = devices.cert_serial) AS revoked_at";
 
 impl Store {
     /// Whether a device is enrolled.
@@ -286,7 +287,93 @@ fn device_from_row(row: &AnyRow, tags: Vec<String>) -> Result<DeviceInfo, StoreE
             Some("poll") => Some(Channel::Poll),
             Some(other) => return Err(StoreError::corrupt("devices.registered_via", other)),
         },
+        revoked_at: row.try_get("revoked_at")?,
     })
+}
+
+/// Result of [`Store::revoke_device`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeviceRevoked {
+    /// Recorded and audited; the serial of the revoked certificate.
+    Revoked {
+        serial: String,
+    },
+    UnknownDevice,
+    /// The device's current certificate was already revoked; nothing changed.
+    AlreadyRevoked,
+}
+
+impl Store {
+    /// Serials of every revoked device certificate, to load the in-memory
+    /// set at start.
+    pub async fn revoked_serials(&self) -> Result<Vec<String>, StoreError> {
+        Ok(
+            sqlx::query_scalar("SELECT serial FROM revoked_certificates")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Revokes the device's current certificate (by serial, so a later
+    /// re-enrolment with a new certificate is unaffected) and its pending
+    /// links, in one transaction with a `device.revoked` audit row naming
+    /// `actor` (and `link.revoked` when links were revoked).
+    pub async fn revoke_device(
+        &self,
+        device_id: &DeviceId,
+        reason: Option<&str>,
+        actor: &Actor,
+        at: &str,
+    ) -> Result<DeviceRevoked, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let serial: Option<String> =
+            sqlx::query_scalar("SELECT cert_serial FROM devices WHERE id = $1")
+                .bind(device_id.as_str())
+                .fetch_optional(&mut *transaction)
+                .await?;
+        let Some(serial) = serial else {
+            return Ok(DeviceRevoked::UnknownDevice);
+        };
+        let inserted = sqlx::query(
+            "INSERT INTO revoked_certificates (serial, device_id, revoked_at, revoked_by, reason) \
+             VALUES ($1, $2, $3, $4, $5) ON CONFLICT (serial) DO NOTHING",
+        )
+        .bind(serial.as_str())
+        .bind(device_id.as_str())
+        .bind(at)
+        .bind(actor.name.as_str())
+        .bind(reason)
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        if inserted == 0 {
+            return Ok(DeviceRevoked::AlreadyRevoked);
+        }
+        let links = sqlx::query(
+            "UPDATE links SET revoked_at = $1 WHERE device_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(at)
+        .bind(device_id.as_str())
+        .execute(&mut *transaction)
+        .await?
+        .rows_affected();
+        let record = AuditRecord::new(actor, AuditEvent::DeviceRevoked)
+            .device(device_id.as_str())
+            .details(serde_json::json!({
+                "certificate_serial": serial,
+                "reason": reason,
+                "links_revoked": links,
+            }));
+        audit::append(&mut transaction, at, &record).await?;
+        if links > 0 {
+            let record = AuditRecord::new(actor, AuditEvent::LinkRevoked)
+                .device(device_id.as_str())
+                .details(serde_json::json!({ "links": links }));
+            audit::append(&mut transaction, at, &record).await?;
+        }
+        transaction.commit().await?;
+        Ok(DeviceRevoked::Revoked { serial })
+    }
 }
 
 /// Inserts one device, its tags and its audit row in `transaction`; leaves

@@ -44,7 +44,9 @@ pub use deployments::{
     CreatedDeployment, DeliveryTarget, DeploymentCreation, NotificationTarget, ReportApplied,
     ReportToApply,
 };
-pub use devices::{BatchEnrollOutcome, EnrollOutcome, NewDevice, RegistrationOutcome};
+pub use devices::{
+    BatchEnrollOutcome, DeviceRevoked, EnrollOutcome, NewDevice, RegistrationOutcome,
+};
 pub use links::{DownloadRelease, NewLink};
 pub use push::PushProgress;
 pub use releases::{DeploymentRelease, NewRelease, ReleaseInsertOutcome, StoredRelease};
