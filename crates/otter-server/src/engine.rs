@@ -392,7 +392,12 @@ impl Engine {
         error: &DecodeError,
     ) -> Result<(), EngineError> {
         tracing::warn!(device = %device_id, topic, %error, "rejected a malformed device message");
-        self.answer_error(device_id, topic, "malformed-message", &error.to_string())
+        // The same codes as the device endpoint answers over HTTPS.
+        let code = match error {
+            DecodeError::TooLarge(_) => "message-too-large",
+            DecodeError::Malformed(_) => "malformed-message",
+        };
+        self.answer_error(device_id, topic, code, &error.to_string())
             .await
     }
 
