@@ -194,6 +194,44 @@ pub fn sync_dir(dir: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
+/// How long a state write is retried while the system is short of a
+/// resource (see [`write_state`]).
+const STATE_WRITE_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Runs a state write on the blocking pool, retrying with backoff while it
+/// fails for want of a resource that comes back by itself: file
+/// descriptors (the process's or the system's), memory, an interrupted
+/// call. Giving up on the job for those would abandon an update over a
+/// moment of load; any other error (permissions, a missing or full disk)
+/// is returned at once.
+pub async fn write_retrying(
+    write: impl Fn() -> Result<(), StateError> + Send + Sync + 'static,
+) -> anyhow::Result<()> {
+    let write = std::sync::Arc::new(write);
+    let deadline = tokio::time::Instant::now() + STATE_WRITE_PATIENCE;
+    let mut backoff = crate::backoff::Backoff::new(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(5),
+    );
+    loop {
+        let attempt = std::sync::Arc::clone(&write);
+        let result = tokio::task::spawn_blocking(move || attempt())
+            .await
+            .map_err(|e| anyhow::anyhow!("state writer task: {e}"))?;
+        match result {
+            Err(StateError::Io { source, .. })
+                if crate::backoff::is_transient_io(&source)
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                let delay = backoff.next_delay();
+                tracing::warn!(error = %source, ?delay, "state write failed for want of a resource; retrying");
+                tokio::time::sleep(delay).await;
+            }
+            other => return Ok(other?),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,5 +324,46 @@ mod tests {
             store.load_installed(),
             Err(StateError::Corrupt { .. })
         ));
+    }
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    fn io_error(errno: i32) -> StateError {
+        StateError::Io {
+            path: "state/job.json".into(),
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    #[tokio::test]
+    async fn state_writes_outlast_a_shortage_of_descriptors() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let counter = Arc::clone(&calls);
+        write_retrying(move || match counter.fetch_add(1, Ordering::SeqCst) {
+            0 | 1 => Err(io_error(24)),
+            _ => Ok(()),
+        })
+        .await
+        .unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    #[tokio::test]
+    async fn other_state_write_errors_are_not_retried() {
+        let calls = Arc::new(AtomicU32::new(0));
+        let counter = Arc::clone(&calls);
+        let error = write_retrying(move || {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Err(io_error(13))
+        })
+        .await
+        .unwrap_err();
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+        assert!(error.to_string().contains("state/job.json"), "{error:#}");
     }
 }
