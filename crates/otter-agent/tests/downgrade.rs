@@ -13,17 +13,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures_util::future::BoxFuture;
-use otter_agent::install::{FileInstaller, InstallError, InstallRequest, Installer};
+use otter_agent::install::FileInstaller;
 use otter_agent::mqtt::{MqttError, MqttEvent, Uplink};
-use otter_agent::safe_state::{SafeStateError, SafeStateProbe};
 use otter_agent::state::StateStore;
 use otter_agent::{Agent, AgentConfig, Handlers};
 use otter_proto::manifest::{PackageKind, SignedManifest};
 use otter_proto::messages::{
     DeviceEvent, Registration, ServerMessage, StatusReport, UpdateNotification,
 };
-use support::{Answer, Pki, TestServer, pseudo_random_bytes, wait_until};
+use support::{AlwaysSafe, Answer, Counting, Pki, TestServer, pseudo_random_bytes, wait_until};
 use tokio::sync::{mpsc, oneshot};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -59,33 +57,6 @@ impl Recorder {
             self.of(deployment).iter().any(|r| r.event == event)
         })
         .await
-    }
-}
-
-struct AlwaysSafe;
-
-impl SafeStateProbe for AlwaysSafe {
-    fn is_safe(&self) -> BoxFuture<'_, Result<bool, SafeStateError>> {
-        Box::pin(async { Ok(true) })
-    }
-}
-
-/// The file installer, counting its runs.
-struct Counting {
-    inner: FileInstaller,
-    runs: AtomicUsize,
-}
-
-impl Installer for Counting {
-    fn name(&self) -> &'static str {
-        "file"
-    }
-    fn install<'a>(
-        &'a self,
-        request: &'a InstallRequest,
-    ) -> BoxFuture<'a, Result<(), InstallError>> {
-        self.runs.fetch_add(1, Ordering::SeqCst);
-        self.inner.install(request)
     }
 }
 

@@ -288,3 +288,35 @@ pub async fn wait_until(what: &str, timeout: Duration, mut condition: impl FnMut
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// The file installer, counting its runs: how a test tells that nothing was
+/// installed.
+pub struct Counting {
+    pub inner: otter_agent::install::FileInstaller,
+    pub runs: std::sync::atomic::AtomicUsize,
+}
+
+impl otter_agent::install::Installer for Counting {
+    fn name(&self) -> &'static str {
+        "file"
+    }
+    fn install<'a>(
+        &'a self,
+        request: &'a otter_agent::install::InstallRequest,
+    ) -> futures_util::future::BoxFuture<'a, Result<(), otter_agent::install::InstallError>> {
+        self.runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.inner.install(request)
+    }
+}
+
+/// A safe-state probe that always says yes.
+pub struct AlwaysSafe;
+
+impl otter_agent::safe_state::SafeStateProbe for AlwaysSafe {
+    fn is_safe(
+        &self,
+    ) -> futures_util::future::BoxFuture<'_, Result<bool, otter_agent::safe_state::SafeStateError>>
+    {
+        Box::pin(async { Ok(true) })
+    }
+}
