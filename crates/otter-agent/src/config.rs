@@ -46,8 +46,15 @@ pub struct AgentConfig {
     pub private_key: PathBuf,
     /// PEM Ed25519 public keys a manifest signature must verify against.
     pub trusted_signers: Vec<PathBuf>,
+    /// PEM Ed25519 public keys of offline roots: a manifest signed by a key
+    /// one of them certified (certificate in the manifest) is accepted too.
+    pub trusted_roots: Vec<PathBuf>,
     /// Where `job.json` and `installed.json` live.
     pub state_dir: PathBuf,
+    /// The device's X25519 encryption key file (`otter_package::wrap`),
+    /// created at first start if missing (mode 0600, never overwritten);
+    /// `<state_dir>/encryption.key` by default.
+    pub encryption_key: PathBuf,
     /// Where downloads and unpacked payloads wait for installation.
     pub landing_zone: PathBuf,
     pub safe_state: SafeStateConfig,
@@ -156,9 +163,14 @@ pub struct RawConfig {
     pub ca: PathBuf,
     pub certificate: PathBuf,
     pub private_key: PathBuf,
+    #[serde(default)]
     pub trusted_signers: Vec<PathBuf>,
+    #[serde(default)]
+    pub trusted_roots: Vec<PathBuf>,
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    #[serde(default)]
+    pub encryption_key: Option<PathBuf>,
     #[serde(default = "default_landing_zone")]
     pub landing_zone: PathBuf,
     #[serde(default)]
@@ -299,10 +311,11 @@ impl AgentConfig {
         })?;
         let mqtt = parse_mqtt_url(&raw.mqtt_url)?;
         let device_url = parse_device_url(&raw.device_url)?;
-        if raw.trusted_signers.is_empty() {
+        if raw.trusted_signers.is_empty() && raw.trusted_roots.is_empty() {
             return Err(ConfigError::Invalid {
                 key: "trusted_signers",
-                reason: "at least one signer key is needed, or no package could ever be installed"
+                reason: "at least one signer key (or a root key in trusted_roots) is needed, \
+                         or no package could ever be installed"
                     .into(),
             });
         }
@@ -376,7 +389,12 @@ impl AgentConfig {
             certificate: resolve(&raw.certificate),
             private_key: resolve(&raw.private_key),
             trusted_signers: raw.trusted_signers.iter().map(|p| resolve(p)).collect(),
+            trusted_roots: raw.trusted_roots.iter().map(|p| resolve(p)).collect(),
             state_dir: resolve(&raw.state_dir),
+            encryption_key: match &raw.encryption_key {
+                Some(path) => resolve(path),
+                None => resolve(&raw.state_dir).join("encryption.key"),
+            },
             landing_zone: resolve(&raw.landing_zone),
             safe_state,
             install,
@@ -397,6 +415,11 @@ impl AgentConfig {
             self.trusted_signers
                 .iter()
                 .map(|p| ("trusted_signers", p.as_path())),
+        );
+        files.extend(
+            self.trusted_roots
+                .iter()
+                .map(|p| ("trusted_roots", p.as_path())),
         );
         for (key, path) in files {
             if !path.is_file() {
@@ -504,6 +527,7 @@ ca = "ca.crt"
 certificate = "device.crt"
 private_key = "device.key"
 trusted_signers = ["signers/signer-1.pub"]   # PEM Ed25519 public keys
+# trusted_roots = ["roots/root-1.pub"]       # offline roots certifying signers
 state_dir = "state"
 landing_zone = "landing"
 
@@ -567,6 +591,10 @@ trusted_signers = ["s.pub"]
         assert_eq!(config.mqtt.port, DEFAULT_MQTT_PORT);
         assert_eq!(config.ca, Path::new("/abs/ca.crt"));
         assert_eq!(config.state_dir, Path::new("base/state"));
+        assert_eq!(
+            config.encryption_key,
+            Path::new("base/state/encryption.key")
+        );
         assert_eq!(config.safe_state.initial_backoff, Duration::from_secs(1));
         assert_eq!(config.download.max_backoff, Duration::from_secs(60));
         assert_eq!(config.device_url, "https://localhost:8443");

@@ -22,6 +22,8 @@
 //! - [`remote_config`]: the `otter-agent-config` package (mode switch by update).
 //! - [`self_update`]: packages of kind `agent`: staging, the marker, the swap.
 //! - [`supervisor`]: the parent process that swaps executables and rolls back.
+//! - [`enrol`]: `otter-agent enrol`, CSR enrolment with a one-time token;
+//!   [`bundle`]: the bundle folder both enrolment paths write.
 //! - [`agent`]: the loop tying them together; [`run`] is the entry point
 //!   ([`run_with_handlers`] with another installer and probe, for the
 //!   simulator) and
@@ -33,8 +35,10 @@
 
 pub mod agent;
 pub mod backoff;
+pub mod bundle;
 pub mod config;
 pub mod download;
+pub mod enrol;
 pub mod fetch;
 pub mod install;
 pub mod landing_zone;
@@ -44,6 +48,7 @@ pub mod push;
 pub mod remote_config;
 pub mod safe_state;
 pub mod self_update;
+pub mod signer_trust;
 pub mod state;
 pub mod supervisor;
 pub mod tls;

@@ -12,6 +12,8 @@
 //!   package it loads the configuration again and runs anew in the same
 //!   process; after staging a new executable it exits with
 //!   [`otter_agent::self_update::STAGED_EXIT_CODE`].
+//! - `otter-agent enrol ...` enrols the device with a CSR and a one-time
+//!   token ([`otter_agent::enrol`]) and writes its bundle, then exits.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -32,6 +34,33 @@ struct Arguments {
     /// supervisor; the agent stops when its stdin closes).
     #[arg(long, hide = true)]
     worker: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Generate this device's key pair and enrol it with a one-time token
+    /// (`otter device token create`), writing the bundle into --out.
+    Enrol {
+        /// The device endpoint, `https://HOST:8443`.
+        #[arg(long)]
+        server: String,
+        /// The server's CA certificate (PEM): the only root trusted.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The enrolment token (`otter-enrol-...`).
+        #[arg(long, env = "OTTER_ENROL_TOKEN", hide_env_values = true)]
+        token: String,
+        #[arg(long)]
+        device_id: String,
+        /// Hardware model written into agent.toml (default: the token's).
+        #[arg(long)]
+        hardware: Option<String>,
+        /// Folder of the new bundle; must not hold one yet.
+        #[arg(long)]
+        out: PathBuf,
+    },
 }
 
 /// Exit status for an unusable configuration.
@@ -49,6 +78,17 @@ fn main() -> ExitCode {
     // for anything that does not take an explicit provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
+    if let Some(Command::Enrol {
+        server,
+        ca,
+        token,
+        device_id,
+        hardware,
+        out,
+    }) = arguments.command
+    {
+        return run_enrol(server, ca, token, &device_id, hardware, out);
+    }
     let config = match AgentConfig::load(&arguments.config) {
         Ok(config) => config,
         Err(error) => {
@@ -60,6 +100,60 @@ fn main() -> ExitCode {
         run_worker(&arguments.config, config)
     } else {
         run_supervisor(&arguments.config, &config)
+    }
+}
+
+/// `otter-agent enrol`.
+fn run_enrol(
+    server: String,
+    ca: PathBuf,
+    token: String,
+    device_id: &str,
+    hardware: Option<String>,
+    out: PathBuf,
+) -> ExitCode {
+    let device_id = match otter_proto::topics::DeviceId::parse(device_id) {
+        Ok(device_id) => device_id,
+        Err(error) => {
+            eprintln!("otter-agent: invalid device id {device_id:?}: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let options = otter_agent::enrol::EnrolOptions {
+        server,
+        ca,
+        token,
+        device_id,
+        hardware,
+        out,
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("otter-agent: cannot start the runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(otter_agent::enrol::enrol(&options)) {
+        Ok(enrolled) => {
+            println!(
+                "enrolled {} -> {}",
+                enrolled.device_id,
+                options.out.display()
+            );
+            println!(
+                "run it with: otter-agent --config {}",
+                options.out.join("agent.toml").display()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("otter-agent: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -55,6 +55,7 @@ const FORBIDDEN_KEYS: &[&str] = &[
     "certificate",
     "private_key",
     "trusted_signers",
+    "trusted_roots",
     "state_dir",
     "landing_zone",
     "install.target_dir",

@@ -241,16 +241,18 @@ mod tests {
 
     fn job() -> Job {
         Job::new(UpdateNotification {
+            signer_revocations: None,
             deployment_id: "d1".into(),
             release: "fw@1.0.0".into(),
             manifest: SignedManifest {
                 manifest: "{}".into(),
                 signer: "s".into(),
                 signature: "g".into(),
+                signer_certificate: None,
             },
             link: "https://127.0.0.1:8443/x".into(),
             link_expires_at: 10,
-            data_key: "k".into(),
+            wrapped_key: "k".into(),
             allow_downgrade: false,
         })
     }

@@ -159,12 +159,18 @@ max_backoff = "50ms"
 
     fn notification(&self, deployment: &str, link: &str) -> UpdateNotification {
         UpdateNotification {
+            signer_revocations: None,
             deployment_id: deployment.into(),
             release: "sensor-fw@1.0.0".into(),
             manifest: self.signed.clone(),
             link: link.into(),
             link_expires_at: unix_now() + 3600,
-            data_key: self.data_key.clone(),
+            wrapped_key: support::wrap_key(
+                &self.root.join("state/encryption.key"),
+                "dev-1",
+                &self.signed,
+                &self.data_key,
+            ),
             allow_downgrade: false,
         }
     }
@@ -453,7 +459,12 @@ async fn a_bad_signature_is_refused_before_any_download() {
     let (signed, data_key, _) = build(&stranger, b"evil", "1.0.0", &fixture.root);
     let mut untrusted = fixture.notification("dep-stranger", &server.url("/a"));
     untrusted.manifest = signed;
-    untrusted.data_key = data_key;
+    untrusted.wrapped_key = support::wrap_key(
+        &fixture.root.join("state/encryption.key"),
+        "dev-1",
+        &untrusted.manifest,
+        &data_key,
+    );
     running.update(untrusted).await;
 
     for deployment in ["dep-forged", "dep-stranger"] {

@@ -63,7 +63,8 @@ impl Recorder {
 /// A signed 1.0.0 package, split as a notification carries it.
 struct Package {
     signed: SignedManifest,
-    data_key: String,
+    /// The data key wrapped to the device of `dir` (as the server would).
+    wrapped_key: String,
     artifact: Vec<u8>,
 }
 
@@ -81,8 +82,13 @@ fn build(key: &ed25519_dalek::SigningKey, payload: &[u8], allow: bool, dir: &Pat
     let mut reader = &package[..];
     let header = otter_package::format::read_header(&mut reader).unwrap();
     Package {
-        signed: header.signed_manifest,
-        data_key: header.data_key.to_base64(),
+        signed: header.signed_manifest.clone(),
+        wrapped_key: support::wrap_key(
+            &dir.join("state/encryption.key"),
+            "dev-1",
+            &header.signed_manifest,
+            &header.data_key.to_base64(),
+        ),
         artifact: reader.to_vec(),
     }
 }
@@ -99,12 +105,13 @@ fn notification(
         .as_secs() as i64
         + 3600;
     UpdateNotification {
+        signer_revocations: None,
         deployment_id: deployment.into(),
         release: "sensor-fw@1.0.0".into(),
         manifest: package.signed.clone(),
         link,
         link_expires_at: expires,
-        data_key: package.data_key.clone(),
+        wrapped_key: package.wrapped_key.clone(),
         allow_downgrade: allow,
     }
 }

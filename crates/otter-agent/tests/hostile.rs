@@ -232,18 +232,34 @@ max_backoff = "50ms"
     }
 }
 
-fn notification(
+impl Fixture {
+    /// A notification of `manifest` with `data_key` wrapped to this device.
+    fn notification(
+        &self,
+        deployment: &str,
+        link: &str,
+        (manifest, data_key): (SignedManifest, String),
+    ) -> UpdateNotification {
+        let key_file = self.root.join("state/encryption.key");
+        let wrapped_key = support::wrap_key(&key_file, "dev-1", &manifest, &data_key);
+        notification_wrapped(deployment, link, manifest, wrapped_key)
+    }
+}
+
+fn notification_wrapped(
     deployment: &str,
     link: &str,
-    (manifest, data_key): (SignedManifest, String),
+    manifest: SignedManifest,
+    wrapped_key: String,
 ) -> UpdateNotification {
     UpdateNotification {
+        signer_revocations: None,
         deployment_id: deployment.into(),
         release: "sensor-fw@1.0.0".into(),
         manifest,
         link: link.into(),
         link_expires_at: unix_now() + 3600,
-        data_key,
+        wrapped_key,
         allow_downgrade: false,
     }
 }
@@ -326,7 +342,7 @@ async fn path_traversal_in_a_deployment_id_is_refused_and_writes_nothing() {
     ];
     for deployment in hostile {
         running
-            .update(notification(
+            .update(fixture.notification(
                 deployment,
                 &server.url("/a"),
                 (signed.clone(), data_key.clone()),
@@ -343,7 +359,7 @@ async fn path_traversal_in_a_deployment_id_is_refused_and_writes_nothing() {
     let mut manifest = Manifest::from_json(&signed.manifest).unwrap();
     manifest.name = "../../escape".into();
     let evil = otter_package::sign::sign_manifest(&manifest, &fixture.signing_key);
-    let mut named = notification("dep-name", &server.url("/a"), (evil, data_key.clone()));
+    let mut named = fixture.notification("dep-name", &server.url("/a"), (evil, data_key.clone()));
     named.release = "../../escape@1.0.0".into();
     running.update(named).await;
     let detail = uplink.failure("dep-name").await;
@@ -391,7 +407,7 @@ async fn tampered_signatures_are_refused_before_any_download() {
     ];
     for (deployment, manifest) in &cases {
         running
-            .update(notification(
+            .update(fixture.notification(
                 deployment,
                 &server.url("/a"),
                 (manifest.clone(), data_key.clone()),
@@ -407,7 +423,7 @@ async fn tampered_signatures_are_refused_before_any_download() {
         assert_eq!(uplink.events(deployment), [DeviceEvent::Failed]);
     }
     // The notification's release must be the signed one.
-    let mut renamed = notification("dep-renamed", &server.url("/a"), (signed, data_key));
+    let mut renamed = fixture.notification("dep-renamed", &server.url("/a"), (signed, data_key));
     renamed.release = "sensor-fw@9.0.0".into();
     running.update(renamed).await;
     let detail = uplink.failure("dep-renamed").await;
@@ -425,7 +441,7 @@ async fn wrong_hardware_is_refused_before_any_download_and_changes_nothing() {
     let uplink = Arc::new(Recorder::default());
     let running = fixture.run_agent(&uplink);
     running
-        .update(notification("dep-1", &server.url("/a"), (signed, data_key)))
+        .update(fixture.notification("dep-1", &server.url("/a"), (signed, data_key)))
         .await;
     let detail = uplink.failure("dep-1").await;
     assert!(detail.contains("revA"), "{detail}");
@@ -451,11 +467,7 @@ async fn a_decompression_bomb_stops_at_the_declared_size_and_installs_nothing() 
     let uplink = Arc::new(Recorder::default());
     let running = fixture.run_agent(&uplink);
     running
-        .update(notification(
-            "dep-bomb",
-            &server.url("/a"),
-            (lying, data_key),
-        ))
+        .update(fixture.notification("dep-bomb", &server.url("/a"), (lying, data_key)))
         .await;
     let detail = uplink.failure("dep-bomb").await;
     assert_eq!(
@@ -488,10 +500,58 @@ async fn a_payload_unlike_its_signed_hash_is_refused_and_changes_nothing() {
     let uplink = Arc::new(Recorder::default());
     let running = fixture.run_agent(&uplink);
     running
-        .update(notification("dep-1", &server.url("/a"), (lying, data_key)))
+        .update(fixture.notification("dep-1", &server.url("/a"), (lying, data_key)))
         .await;
     let detail = uplink.failure("dep-1").await;
     assert!(detail.contains("does not match the manifest"), "{detail}");
     running.stop().await;
     fixture.assert_unchanged(Some("dep-1"));
+}
+
+#[tokio::test]
+async fn a_data_key_wrapped_for_another_device_is_refused_before_any_download() {
+    let fixture = Fixture::new("revB");
+    let (signed, data_key, artifact) = fixture.build(b"new firmware", "1.0.0");
+    let server = serve(&fixture.pki, artifact).await;
+    let uplink = Arc::new(Recorder::default());
+    let running = fixture.run_agent(&uplink);
+    let link = server.url("/a");
+    // Wrapped for device A (its own key and id), handed to this device.
+    let device_a = otter_package::wrap::DeviceKey::generate();
+    let for_a = support::wrap_to(device_a.public_key(), "dev-a", &signed, &data_key);
+    running
+        .update(notification_wrapped("dep-a", &link, signed.clone(), for_a))
+        .await;
+    // This device's public key but bound to another device's id.
+    let own =
+        otter_package::wrap::DeviceKey::read(&fixture.root.join("state/encryption.key")).unwrap();
+    let relabelled = support::wrap_to(own.public_key(), "dev-a", &signed, &data_key);
+    running
+        .update(notification_wrapped(
+            "dep-b",
+            &link,
+            signed.clone(),
+            relabelled,
+        ))
+        .await;
+    // Not a wrapped key at all.
+    running
+        .update(notification_wrapped(
+            "dep-c",
+            &link,
+            signed.clone(),
+            "%%%".into(),
+        ))
+        .await;
+    for deployment in ["dep-a", "dep-b", "dep-c"] {
+        let detail = uplink.failure(deployment).await;
+        assert!(
+            detail.starts_with("cannot unwrap the data key: "),
+            "{deployment}: {detail}"
+        );
+        assert_eq!(uplink.events(deployment), [DeviceEvent::Failed]);
+    }
+    running.stop().await;
+    assert!(server.seen().is_empty(), "downloaded: {:?}", server.seen());
+    fixture.assert_unchanged(None);
 }

@@ -33,16 +33,18 @@ async fn pull_uplink_polls_forwards_updates_and_repeats_lost_reports() {
     let dir = tempfile::tempdir().unwrap();
     let pki = Pki::create(dir.path());
     let update = UpdateNotification {
+        signer_revocations: None,
         deployment_id: "dep-1".into(),
         release: "fw@1.0.0".into(),
         manifest: SignedManifest {
             manifest: "{}".into(),
             signer: String::new(),
             signature: String::new(),
+            signer_certificate: None,
         },
         link: "https://127.0.0.1:1/v1/download/x".into(),
         link_expires_at: 0,
-        data_key: String::new(),
+        wrapped_key: String::new(),
         allow_downgrade: false,
     };
     let answer = encode(&PollResponse {
@@ -73,6 +75,7 @@ async fn pull_uplink_polls_forwards_updates_and_repeats_lost_reports() {
         agent_version: "0.1.0".into(),
         mode: Mode::Pull,
         capabilities: vec!["file".into()],
+        encryption_key: None,
     };
     uplink.register(&registration).unwrap();
     assert_eq!(

@@ -42,6 +42,9 @@ pub enum Command {
     /// Package signing keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Signer keys as the server sees them (revocation list).
+    #[command(subcommand)]
+    Signers(SignersCommand),
     /// Build and inspect packages (offline: no server needed).
     #[command(subcommand)]
     Package(PackageCommand),
@@ -72,6 +75,61 @@ pub enum KeysCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Generate an offline root key: writes PATH (private, 0600) and PATH.pub.
+    /// Keep PATH offline; servers and devices pin PATH.pub (`--trusted-root`,
+    /// `trusted_roots`). The root only certifies and revokes signer keys.
+    CreateRoot { path: PathBuf },
+    /// Certify a signer key with the root (offline): writes a signer
+    /// certificate for `otter package build --signer-cert`.
+    Certify {
+        /// The root's private key.
+        #[arg(long)]
+        root: PathBuf,
+        /// The signer's public key (KEY.pub from `otter keys generate`).
+        #[arg(long)]
+        signer: PathBuf,
+        /// Who or what signs with the key (informational).
+        #[arg(long)]
+        name: String,
+        /// How long the certificate is valid from now (e.g. 365d, 12h).
+        #[arg(long, default_value = "365d")]
+        valid: humantime::Duration,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Revoke a signer key with the root (offline): writes the revocation
+    /// list with the next sequence number (publish it with
+    /// `otter signers revocations publish`).
+    Revoke {
+        /// The root's private key.
+        #[arg(long)]
+        root: PathBuf,
+        /// Key id to revoke (base64, as printed by `otter keys generate`).
+        #[arg(long)]
+        key_id: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+        /// The current list: its entries are kept and its sequence + 1 used.
+        #[arg(long)]
+        previous: Option<PathBuf>,
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SignersCommand {
+    /// The signer revocation list held by the server.
+    #[command(subcommand)]
+    Revocations(RevocationsCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum RevocationsCommand {
+    /// Upload a revocation list (from `otter keys revoke`); admin only.
+    Publish { list: PathBuf },
+    /// Print the server's current revocation list (JSON).
+    Show,
 }
 
 #[derive(Debug, Subcommand)]
@@ -98,6 +156,10 @@ pub enum PackageCommand {
         /// a newer version (only when the deployment allows it too).
         #[arg(long)]
         allow_downgrade: bool,
+        /// Certificate of the signing key from an offline root (`otter keys
+        /// certify`), embedded in the package.
+        #[arg(long)]
+        signer_cert: Option<PathBuf>,
         #[arg(long)]
         out: PathBuf,
         /// The payload file.
@@ -108,6 +170,9 @@ pub enum PackageCommand {
         /// Public key(s) to verify the signature with.
         #[arg(long = "trusted-signer")]
         trusted_signers: Vec<PathBuf>,
+        /// Offline root key(s): a signer they certified is accepted.
+        #[arg(long = "trusted-root")]
+        trusted_roots: Vec<PathBuf>,
         #[arg(long)]
         json: bool,
         package: PathBuf,
@@ -128,6 +193,8 @@ pub enum ReleaseCommand {
 #[derive(Debug, Subcommand)]
 pub enum DeviceCommand {
     /// Issue a certificate for device ID and write a ready-to-run agent bundle into DIR.
+    /// The server generates the key (convenience path); to keep the key on the
+    /// device, use `otter device token create` and `otter-agent enrol`.
     Enroll {
         id: String,
         /// Fleet tags, comma-separated.
@@ -140,6 +207,22 @@ pub enum DeviceCommand {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Register devices holding certificates your own CA issued (the factory
+    /// path; the server must trust that CA: `otter-server --device-ca`). The
+    /// certificate's common name is the device id. All or none.
+    Import {
+        /// PEM certificate files, one device each.
+        #[arg(required = true)]
+        certificates: Vec<PathBuf>,
+        /// Hardware model of every imported device.
+        #[arg(long, default_value = "generic")]
+        hardware: String,
+        /// Fleet tags, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Revoke device ID's certificate: the broker and the device endpoint
     /// refuse it at once, live connections included; its pending links are
     /// revoked. A second revoke is refused (409).
@@ -148,6 +231,44 @@ pub enum DeviceCommand {
         /// Why, kept in the audit log.
         #[arg(long)]
         reason: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// One-time enrolment tokens: the device makes its own key and enrols
+    /// with `otter-agent enrol --token ...`.
+    #[command(subcommand)]
+    Token(DeviceTokenCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DeviceTokenCommand {
+    /// Create a token with which device ID, and no other, enrols once;
+    /// prints the token (shown only now) and the CA fingerprint to pin.
+    Create {
+        id: String,
+        /// Hardware model the device is stored with.
+        #[arg(long, default_value = "generic")]
+        hardware: String,
+        /// Fleet tags, comma-separated.
+        #[arg(long, value_delimiter = ',')]
+        tags: Vec<String>,
+        /// Lifetime (at most 30 days).
+        #[arg(long, default_value = "24h")]
+        ttl: humantime::Duration,
+        /// Write the server CA (PEM) the device must pin to this file.
+        #[arg(long)]
+        ca_out: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// List enrolment tokens (never the tokens themselves).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an unused enrolment token.
+    Revoke {
+        token_id: String,
         #[arg(long)]
         json: bool,
     },

@@ -67,6 +67,19 @@ impl ApiClient {
         self.send(request).await
     }
 
+    pub async fn put_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
+        let request = self
+            .http
+            .put(self.url(path))
+            .bearer_auth(&self.token)
+            .json(body);
+        self.send(request).await
+    }
+
     pub async fn delete<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         let request = self.http.delete(self.url(path)).bearer_auth(&self.token);
         self.send(request).await

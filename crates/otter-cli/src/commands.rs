@@ -13,25 +13,21 @@ use otter_proto::api::{
     AuditEntry, AuditVerification, CreateDeployment, DeploymentInfo, DeploymentStatus, DeviceInfo,
     EnrollRequest, EnrollResponse, ReleaseInfo, Target,
 };
+use otter_proto::api::{CreateEnrolmentToken, CreatedEnrolmentToken, EnrolmentTokenInfo};
 use otter_proto::api::{CreateToken, CreatedToken, TokenInfo};
 use otter_proto::topics::DeviceId;
 
-use crate::cli::TokenCommand;
 use crate::cli::{
-    AuditCommand, Cli, Command, DeployCommand, DeviceCommand, DevicesCommand, KeysCommand,
-    PackageCommand, ReleaseCommand,
+    AuditCommand, Cli, Command, DeployCommand, DeviceCommand, DevicesCommand, PackageCommand,
+    ReleaseCommand,
 };
+use crate::cli::{DeviceTokenCommand, TokenCommand};
 use crate::client::ApiClient;
 use crate::output;
 
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Keys(KeysCommand::Generate { out }) => {
-            let key = otter_package::keys::generate_key_pair(&out)
-                .with_context(|| format!("cannot create the key pair {}", out.display()))?;
-            println!("wrote {} and {}.pub", out.display(), out.display());
-            println!("key id {}", otter_package::keys::key_id(&key));
-        }
+        Command::Keys(command) => crate::keys::run(command)?,
         Command::Package(command) => package(command)?,
         command => return remote(&ApiClient::new(&cli.global)?, command).await,
     }
@@ -48,6 +44,7 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
             hardware,
             level,
             allow_downgrade,
+            signer_cert,
             out,
             input,
         } => {
@@ -63,6 +60,10 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
                 zstd_level: level,
                 chunk_size: 64 * 1024,
                 allow_downgrade,
+                signer_certificate: signer_cert
+                    .as_deref()
+                    .map(|path| crate::keys::read_certificate_for(path, &signing_key))
+                    .transpose()?,
             };
             // Write next to the destination and rename, so a failed build
             // never leaves a half-written package under the final name.
@@ -94,24 +95,35 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
         }
         PackageCommand::Inspect {
             trusted_signers,
+            trusted_roots,
             json,
             package,
         } => {
+            let checked = !trusted_signers.is_empty() || !trusted_roots.is_empty();
             let mut file = fs::File::open(&package)
                 .with_context(|| format!("cannot open {}", package.display()))?;
             let header = otter_package::format::read_header(&mut file)
                 .with_context(|| format!("{} is not an Otter package", package.display()))?;
-            let manifest = if trusted_signers.is_empty() {
+            let manifest = if !checked {
                 otter_proto::manifest::Manifest::from_json(&header.signed_manifest.manifest)?
             } else {
-                let keys = trusted_signers
-                    .iter()
-                    .map(|path| {
-                        otter_package::keys::read_verifying_key(path)
-                            .with_context(|| format!("cannot read {}", path.display()))
-                    })
-                    .collect::<anyhow::Result<Vec<_>>>()?;
-                let opened = otter_package::format::open_package(&package, &keys)
+                let read = |paths: &[std::path::PathBuf]| {
+                    paths
+                        .iter()
+                        .map(|path| {
+                            otter_package::keys::read_verifying_key(path)
+                                .with_context(|| format!("cannot read {}", path.display()))
+                        })
+                        .collect::<anyhow::Result<Vec<_>>>()
+                };
+                let trust = otter_package::trust::TrustStore::new(
+                    &read(&trusted_roots)?,
+                    &read(&trusted_signers)?,
+                );
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |elapsed| elapsed.as_secs() as i64);
+                let opened = otter_package::format::open_package_trusted(&package, &trust, now)
                     .context("the package does not verify")?;
                 opened.manifest
             };
@@ -119,7 +131,7 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
                 output::json(&serde_json::json!({
                     "manifest": manifest,
                     "signer": header.signed_manifest.signer,
-                    "verified": !trusted_signers.is_empty(),
+                    "verified": checked,
                 }))?;
             } else {
                 println!("release     {}", manifest.release_id());
@@ -137,8 +149,8 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
                     manifest.artifact.size, manifest.artifact.sha256
                 );
                 println!("signer      {}", header.signed_manifest.signer);
-                let verdict = if trusted_signers.is_empty() {
-                    "not checked (no --trusted-signer)"
+                let verdict = if !checked {
+                    "not checked (no --trusted-signer or --trusted-root)"
                 } else {
                     "valid"
                 };
@@ -151,6 +163,7 @@ fn package(command: PackageCommand) -> anyhow::Result<()> {
 
 async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode> {
     match command {
+        Command::Signers(command) => crate::keys::remote(client, command).await?,
         Command::Release(ReleaseCommand::Upload { package }) => {
             let release: ReleaseInfo = client.post_file("/api/v1/releases", &package).await?;
             println!("{}", release.id);
@@ -181,6 +194,39 @@ async fn remote(client: &ApiClient, command: Command) -> anyhow::Result<ExitCode
             hardware,
             out,
         }) => enroll(client, &id, tags, hardware, &out).await?,
+        Command::Device(DeviceCommand::Token(command)) => device_token(client, command).await?,
+        Command::Device(DeviceCommand::Import {
+            certificates,
+            hardware,
+            tags,
+            json,
+        }) => {
+            let mut devices = Vec::with_capacity(certificates.len());
+            for path in &certificates {
+                let certificate_pem = read_small_text_file(path, 64 * 1024)?;
+                devices.push(otter_proto::api::ImportDevice {
+                    certificate_pem,
+                    hardware: hardware.clone(),
+                    tags: tags.clone(),
+                });
+            }
+            let imported: otter_proto::api::ImportDevicesResponse = client
+                .post_json(
+                    "/api/v1/devices/import",
+                    &otter_proto::api::ImportDevicesRequest { devices },
+                )
+                .await?;
+            if json {
+                output::json(&imported)?;
+            } else {
+                for device in &imported.devices {
+                    println!(
+                        "imported {} (serial {})",
+                        device.device_id, device.cert_serial
+                    );
+                }
+            }
+        }
         Command::Device(DeviceCommand::Revoke { id, reason, json }) => {
             let path = format!("/api/v1/devices/{}/revoke", query_value(&id)?);
             let device: DeviceInfo = client
@@ -532,12 +578,7 @@ async fn enroll(
         .map_err(|e| anyhow::anyhow!("invalid hardware {hardware:?}: {e}"))?;
     // Refuse before asking the server for a certificate: a bundle folder that
     // already holds a key belongs to another enrolment.
-    if out.join("device.key").exists() || out.join("agent.toml").exists() {
-        bail!(
-            "{} already holds a device bundle; choose another --out",
-            out.display()
-        );
-    }
+    otter_agent::bundle::ensure_free(out, false)?;
     let request = EnrollRequest {
         device_id,
         tags,
@@ -554,89 +595,114 @@ async fn enroll(
     Ok(())
 }
 
-/// Writes the agent bundle: identity, trust anchors and a ready `agent.toml`
-/// whose state, landing zone and install target live inside the folder.
+/// Writes the agent bundle (`otter_agent::bundle`, the layout
+/// `otter-agent enrol` writes too): the server-generated key first, then
+/// certificate, trust anchors and a ready `agent.toml`.
 pub fn write_bundle(out: &Path, enrolled: &EnrollResponse, hardware: &str) -> anyhow::Result<()> {
-    fs::create_dir_all(out.join("signers"))?;
-    fs::create_dir_all(out.join("installed"))?;
-    write_private(&out.join("device.key"), enrolled.private_key_pem.as_bytes())?;
-    fs::write(out.join("device.crt"), &enrolled.certificate_pem)?;
-    fs::write(out.join("ca.crt"), &enrolled.ca_pem)?;
-    let mut signer_files = Vec::new();
-    for (index, pem) in enrolled.trusted_signers.iter().enumerate() {
-        let name = format!("signers/signer-{}.pub", index + 1);
-        fs::write(out.join(&name), pem)?;
-        signer_files.push(name);
+    otter_agent::bundle::write_private_key(out, &enrolled.private_key_pem)?;
+    otter_agent::bundle::write_bundle(
+        out,
+        &otter_agent::bundle::Bundle {
+            device_id: &enrolled.device_id,
+            hardware,
+            certificate_pem: &enrolled.certificate_pem,
+            ca_pem: &enrolled.ca_pem,
+            trusted_signers: &enrolled.trusted_signers,
+            trusted_roots: &enrolled.trusted_roots,
+            mqtt_url: &enrolled.mqtt_url,
+            device_url: &enrolled.device_url,
+        },
+    )
+}
+
+/// `otter device token create|list|revoke`.
+async fn device_token(client: &ApiClient, command: DeviceTokenCommand) -> anyhow::Result<()> {
+    match command {
+        DeviceTokenCommand::Create {
+            id,
+            hardware,
+            tags,
+            ttl,
+            ca_out,
+            json,
+        } => {
+            let device_id =
+                DeviceId::parse(&id).with_context(|| format!("invalid device id {id:?}"))?;
+            let request = CreateEnrolmentToken {
+                device_id,
+                hardware,
+                tags,
+                ttl_seconds: Some(ttl.as_secs()),
+            };
+            let created: CreatedEnrolmentToken = client
+                .post_json("/api/v1/enrolment-tokens", &request)
+                .await?;
+            if let Some(path) = &ca_out {
+                fs::write(path, &created.ca_pem)
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+            }
+            if json {
+                output::json(&created)?;
+            } else {
+                // The token alone on stdout, so that `> file` captures it.
+                println!("{}", created.token);
+                eprintln!(
+                    "enrolment token {} for device {} (expires {}); CA SHA-256 {}",
+                    created.info.id,
+                    created.info.device_id,
+                    created.info.expires_at,
+                    created.ca_sha256
+                );
+            }
+        }
+        DeviceTokenCommand::List { json } => {
+            let tokens: Vec<EnrolmentTokenInfo> = client.get("/api/v1/enrolment-tokens").await?;
+            if json {
+                output::json(&tokens)?;
+            } else {
+                let rows = tokens
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.id.clone(),
+                            t.device_id.to_string(),
+                            t.created_by.clone(),
+                            t.expires_at.clone(),
+                            output::or_dash(t.used_at.as_deref()),
+                            output::or_dash(t.revoked_at.as_deref()),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                output::table(
+                    &["ID", "DEVICE", "CREATED BY", "EXPIRES", "USED", "REVOKED"],
+                    &rows,
+                );
+            }
+        }
+        DeviceTokenCommand::Revoke { token_id, json } => {
+            let path = format!("/api/v1/enrolment-tokens/{}", query_value(&token_id)?);
+            let revoked: EnrolmentTokenInfo = client.delete(&path).await?;
+            if json {
+                output::json(&revoked)?;
+            } else {
+                println!("revoked enrolment token {}", revoked.id);
+            }
+        }
     }
-    let signers = signer_files
-        .iter()
-        .map(|s| toml_string(s))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let config = format!(
-        r#"# Otter agent configuration, written by `otter device enroll`.
-# Relative paths are relative to this file's folder.
-device_id = {id}
-hardware = {hardware}
-# "push-pull" (MQTT notification, HTTPS download), "pull" (HTTPS polling only)
-# or "push".
-mode = "push-pull"
-# Pull mode: time between two polls of device_url (each one ± 10 % jitter).
-poll_interval = "30s"
-# Push-pull: a safety-net poll this often picks up a missed notification;
-# "0s" disables it.
-reconcile_interval = "6h"
-mqtt_url = {mqtt}
-device_url = {device}
-ca = "ca.crt"
-certificate = "device.crt"
-private_key = "device.key"
-trusted_signers = [{signers}]
-state_dir = "state"
-landing_zone = "landing"
-
-[safe_state]
-# A command whose exit status 0 means "safe to install now"; empty = always safe.
-command = []
-initial_backoff = "1s"
-max_backoff = "60s"
-deadline = "24h"
-
-[install]
-# "file": the payload replaces installed/<package name> atomically (previous kept).
-handler = "file"
-target_dir = "installed"
-command = []
-timeout = "10m"
-
-[download]
-max_attempts = 8
-initial_backoff = "1s"
-max_backoff = "60s"
-"#,
-        id = toml_string(enrolled.device_id.as_str()),
-        hardware = toml_string(hardware),
-        mqtt = toml_string(&enrolled.mqtt_url),
-        device = toml_string(&enrolled.device_url),
-    );
-    fs::write(out.join("agent.toml"), config)?;
     Ok(())
 }
 
-fn toml_string(value: &str) -> String {
-    // serde_json's string escaping is valid TOML basic-string escaping for
-    // the characters that can occur here.
-    serde_json::to_string(value).unwrap_or_default()
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()?;
-    Ok(())
+/// Reads a text file of at most `max` bytes (a certificate, a key, a list):
+/// a larger file is an error, not a read of unbounded size.
+pub(crate) fn read_small_text_file(path: &Path, max: u64) -> anyhow::Result<String> {
+    let length = fs::metadata(path)
+        .with_context(|| format!("cannot read {}", path.display()))?
+        .len();
+    if length > max {
+        bail!(
+            "{} is too large ({length} bytes, at most {max})",
+            path.display()
+        );
+    }
+    fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }

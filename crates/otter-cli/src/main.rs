@@ -1,7 +1,8 @@
 //! `otter`, the operator's command line.
 //!
 //! Layout: [`cli`] declares the commands (clap derive), [`client`] talks to
-//! the operator REST API, [`commands`] runs each command, [`output`] prints
+//! the operator REST API, [`commands`] runs each command ([`keys`]: the
+//! offline root-key commands), [`output`] prints
 //! tables. Every listing takes `--json`, which prints the API's JSON shapes
 //! (`otter_proto::api`) unchanged: the stable interface for scripts.
 //!
@@ -11,6 +12,7 @@
 mod cli;
 mod client;
 mod commands;
+mod keys;
 mod output;
 
 use clap::Parser;

@@ -17,8 +17,29 @@ pub enum PackageError {
     #[error("manifest signature is not valid")]
     BadSignature,
     /// The manifest was signed by a key that is not trusted.
-    #[error("manifest is signed by an untrusted key")]
+    #[error(
+        "manifest is signed by an unknown key (neither trusted directly nor certified by a pinned root)"
+    )]
     UntrustedSigner,
+    /// The signer is on the current revocation list.
+    #[error("manifest signer {key_id} is revoked (reason: {reason:?})")]
+    RevokedSigner { key_id: String, reason: String },
+    /// A signer certificate or revocation list names a root that is not pinned.
+    #[error("signed by a root key that is not trusted")]
+    UntrustedRoot,
+    /// A signer certificate does not verify or is malformed.
+    #[error("signer certificate is not valid: {0}")]
+    BadCertificate(String),
+    #[error("signer certificate expired (not_after {not_after})")]
+    CertificateExpired { not_after: i64 },
+    #[error("signer certificate is not valid yet (not_before {not_before})")]
+    CertificateNotYetValid { not_before: i64 },
+    /// A revocation list does not verify or is malformed.
+    #[error("revocation list is not valid: {0}")]
+    BadRevocationList(String),
+    /// A revocation list is not newer than the one already held.
+    #[error("revocation list sequence {offered} is not newer than the current {current}")]
+    StaleRevocationList { current: u64, offered: u64 },
     #[error("invalid manifest: {0}")]
     Manifest(#[from] ManifestError),
     /// The package file or artifact does not have the expected structure.
@@ -34,6 +55,14 @@ pub enum PackageError {
     Decrypt,
     #[error("decompression failed: {0}")]
     Decompress(String),
+    /// A device encryption (X25519) public key is not base64 of 32 bytes, or
+    /// is all zero.
+    #[error("invalid encryption key: {0}")]
+    BadEncryptionKey(String),
+    /// A wrapped data key is malformed, or does not open with this device's
+    /// key and context (another device's, another release's, or tampered).
+    #[error("cannot unwrap the data key: {0}")]
+    Unwrap(String),
     /// The payload grew larger than the manifest declares; unpacking stopped.
     #[error("payload is larger than the manifest declares")]
     TooLarge,

@@ -36,8 +36,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::PackageError;
 use crate::pipeline::{DigestBuilder, hash_reader};
-use crate::sign::{sign_manifest, verify_manifest};
+use crate::sign::sign_manifest;
 use crate::stream_cipher::{EncryptWriter, NoncePrefix};
+use crate::trust::TrustStore;
 
 /// First bytes of every package file.
 pub const MAGIC: &[u8; 8] = b"OTTERPKG";
@@ -111,6 +112,11 @@ pub struct BuildOptions {
     /// release over a newer one when a deployment allows it too. False by
     /// default.
     pub allow_downgrade: bool,
+    /// The signing key's certificate from an offline root
+    /// ([`crate::trust::certify`]), embedded in the signed manifest so
+    /// devices that pin the root accept the key. Must certify the signing
+    /// key. None by default (the key is trusted directly).
+    pub signer_certificate: Option<otter_proto::trust::SignedCertificate>,
 }
 
 impl BuildOptions {
@@ -128,6 +134,7 @@ impl BuildOptions {
             zstd_level: DEFAULT_ZSTD_LEVEL,
             chunk_size: DEFAULT_CHUNK_SIZE,
             allow_downgrade: false,
+            signer_certificate: None,
         }
     }
 }
@@ -197,6 +204,14 @@ pub fn build_package(
         allow_downgrade: options.allow_downgrade,
     };
     manifest.validate()?;
+    if let Some(certificate) = &options.signer_certificate {
+        let document = crate::trust::peek_certificate(certificate)?;
+        if document.signer_key != crate::keys::key_id(&key.verifying_key()) {
+            return Err(PackageError::BadCertificate(
+                "the certificate is for another key than the signing key".into(),
+            ));
+        }
+    }
 
     let mut scratch = ScratchFile::create(scratch_dir)?;
     let encrypting = EncryptWriter::new(
@@ -230,7 +245,8 @@ pub fn build_package(
     manifest.artifact = artifact;
     manifest.compression = Compression::Zstd { window_log };
     manifest.validate()?;
-    let signed_manifest = sign_manifest(&manifest, key);
+    let mut signed_manifest = sign_manifest(&manifest, key);
+    signed_manifest.signer_certificate = options.signer_certificate.clone().map(Box::new);
 
     let header = PackageHeader {
         signed_manifest: signed_manifest.clone(),
@@ -332,11 +348,23 @@ fn read_exact_or_malformed(
 /// against `trusted`, and checks that the artifact's size and SHA-256 match
 /// the manifest, reading the file once in fixed-size pieces.
 pub fn open_package(path: &Path, trusted: &[VerifyingKey]) -> Result<OpenedPackage, PackageError> {
+    open_package_trusted(path, &TrustStore::direct(trusted), unix_now())
+}
+
+/// [`open_package`] against a [`TrustStore`] (pinned roots, direct signers,
+/// revocations) at time `now` (Unix seconds).
+pub fn open_package_trusted(
+    path: &Path,
+    trust: &TrustStore,
+    now: i64,
+) -> Result<OpenedPackage, PackageError> {
     let mut file = File::open(path)?;
     // Unbuffered on purpose: the header is read in three exact reads, so the
     // file position afterwards is the artifact's first byte.
     let header = read_header(&mut file)?;
-    let manifest = verify_manifest(&header.signed_manifest, trusted)?;
+    let manifest = trust
+        .verify_manifest(&header.signed_manifest, now)?
+        .manifest;
     let artifact_offset = file.stream_position()?;
     let expected = manifest.artifact.size;
     let actual = file.metadata()?.len().saturating_sub(artifact_offset);

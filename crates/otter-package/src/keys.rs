@@ -103,7 +103,7 @@ pub fn public_key_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-fn read_key_file(path: &Path) -> Result<String, PackageError> {
+pub(crate) fn read_key_file(path: &Path) -> Result<String, PackageError> {
     let file = File::open(path).map_err(|error| {
         PackageError::KeyFile(format!("cannot open {}: {error}", path.display()))
     })?;
@@ -123,7 +123,7 @@ fn read_key_file(path: &Path) -> Result<String, PackageError> {
     Ok(text)
 }
 
-fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PackageError> {
+pub(crate) fn write_new_file(path: &Path, contents: &[u8], mode: u32) -> Result<(), PackageError> {
     let mut options = OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]

@@ -24,6 +24,7 @@ pub fn sign_manifest(manifest: &Manifest, key: &SigningKey) -> SignedManifest {
         manifest: json,
         signer: key_id(&key.verifying_key()),
         signature: BASE64.encode(signature.to_bytes()),
+        signer_certificate: None,
     }
 }
 

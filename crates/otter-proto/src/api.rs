@@ -38,6 +38,10 @@ pub struct EnrollResponse {
     pub ca_pem: String,
     /// PEM public keys of the package signers the server trusts.
     pub trusted_signers: Vec<String>,
+    /// PEM public keys of the offline roots whose certified signers the
+    /// server trusts (devices pin them: signers rotate without re-enrolment).
+    #[serde(default)]
+    pub trusted_roots: Vec<String>,
     /// `mqtts://host:port` of the broker.
     pub mqtt_url: String,
     /// `https://host:port` of the device endpoint.
@@ -61,6 +65,45 @@ pub struct BatchEnrollRequest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchEnrollResponse {
     pub devices: Vec<EnrollResponse>,
+}
+
+/// One device whose certificate the operator's own CA issued (the factory
+/// path): the certificate's common name is the device id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportDevice {
+    pub certificate_pem: String,
+    pub hardware: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+}
+
+/// `POST /api/v1/devices/import`: register devices holding pre-issued
+/// certificates of a CA the server trusts (`otter-server --device-ca`). All
+/// are imported, or none; at most [`MAX_BATCH_ENROLL`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImportDevicesRequest {
+    pub devices: Vec<ImportDevice>,
+}
+
+/// One imported device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportedDevice {
+    pub device_id: DeviceId,
+    /// The certificate's serial, lower-case hex (what revocation records).
+    pub cert_serial: String,
+}
+
+/// The answer to an import, in request order, with what the devices' agent
+/// configuration needs besides their own key and certificate.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportDevicesResponse {
+    pub devices: Vec<ImportedDevice>,
+    /// The CA of the server's certificate (devices pin it).
+    pub ca_pem: String,
+    pub mqtt_url: String,
+    pub device_url: String,
 }
 
 /// A device as the server knows it.
@@ -376,6 +419,87 @@ pub struct TokenInfo {
     pub created_at: String,
     /// RFC 3339 time of the revocation; `None` while the token is active.
     pub revoked_at: Option<String>,
+}
+
+/// Longest lifetime an enrolment token may be given (30 days).
+pub const MAX_ENROLMENT_TOKEN_TTL_SECONDS: u64 = 30 * 24 * 3600;
+/// Lifetime of an enrolment token when none is asked for (24 hours).
+pub const DEFAULT_ENROLMENT_TOKEN_TTL_SECONDS: u64 = 24 * 3600;
+/// Largest body `POST /v1/enrol` accepts: a CSR is well under 2 KiB.
+pub const MAX_CSR_ENROL_BODY_BYTES: usize = 16 * 1024;
+
+/// `POST /api/v1/enrolment-tokens`: a one-time token with which the device
+/// `device_id`, and no other, enrols itself with a CSR.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateEnrolmentToken {
+    pub device_id: DeviceId,
+    pub hardware: String,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// Lifetime in seconds; [`DEFAULT_ENROLMENT_TOKEN_TTL_SECONDS`] if absent,
+    /// at most [`MAX_ENROLMENT_TOKEN_TTL_SECONDS`].
+    #[serde(default)]
+    pub ttl_seconds: Option<u64>,
+}
+
+/// An enrolment token as `GET /api/v1/enrolment-tokens` lists it: never the
+/// token nor its hash.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrolmentTokenInfo {
+    pub id: String,
+    pub device_id: DeviceId,
+    pub hardware: String,
+    pub tags: Vec<String>,
+    /// Name of the operator token that created it.
+    pub created_by: String,
+    pub created_at: String,
+    pub expires_at: String,
+    /// When the device enrolled with it; a token is used once.
+    pub used_at: Option<String>,
+    pub revoked_at: Option<String>,
+}
+
+/// The answer to `POST /api/v1/enrolment-tokens`: the only time the token is
+/// shown, with the CA the device must pin and its fingerprint, so the
+/// operator can check the CA file the device receives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreatedEnrolmentToken {
+    pub token: String,
+    #[serde(flatten)]
+    pub info: EnrolmentTokenInfo,
+    pub ca_pem: String,
+    /// SHA-256 (lower-case hex) of the CA certificate's DER.
+    pub ca_sha256: String,
+}
+
+/// `POST /v1/enrol` on the device endpoint (no client certificate needed):
+/// a device's CSR, authorised by a one-time enrolment token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CsrEnrolRequest {
+    pub token: String,
+    pub device_id: DeviceId,
+    /// PKCS#10, PEM; a P-256 ECDSA or Ed25519 key. Only the public key is
+    /// used: the server sets subject and extensions itself.
+    pub csr_pem: String,
+}
+
+/// The answer to `POST /v1/enrol`: [`EnrollResponse`] without a private key,
+/// which never left the device.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CsrEnrolResponse {
+    pub device_id: DeviceId,
+    /// The hardware model the token stored the device with.
+    pub hardware: String,
+    pub certificate_pem: String,
+    pub ca_pem: String,
+    pub trusted_signers: Vec<String>,
+    /// See [`EnrollResponse::trusted_roots`].
+    #[serde(default)]
+    pub trusted_roots: Vec<String>,
+    pub mqtt_url: String,
+    pub device_url: String,
 }
 
 #[cfg(test)]

@@ -127,12 +127,13 @@ impl Job {
             chunk_size: offer.chunk_size,
         };
         let notification = UpdateNotification {
+            signer_revocations: offer.signer_revocations,
             deployment_id: offer.deployment_id,
             release: offer.release,
             manifest: offer.manifest,
             link: String::new(),
             link_expires_at: 0,
-            data_key: offer.data_key,
+            wrapped_key: offer.wrapped_key,
             allow_downgrade: offer.allow_downgrade,
         };
         (notification, delivery)
@@ -263,16 +264,18 @@ mod tests {
 
     fn notification(deployment: &str) -> UpdateNotification {
         UpdateNotification {
+            signer_revocations: None,
             deployment_id: deployment.into(),
             release: "sensor-fw@1.2.3".into(),
             manifest: SignedManifest {
                 manifest: String::new(),
                 signer: String::new(),
                 signature: String::new(),
+                signer_certificate: None,
             },
             link: "https://127.0.0.1:8443/v1/download/x".into(),
             link_expires_at: 100,
-            data_key: String::new(),
+            wrapped_key: String::new(),
             allow_downgrade: false,
         }
     }
@@ -450,10 +453,11 @@ mod tests {
     fn offer(deployment: &str) -> PushOffer {
         let n = notification(deployment);
         PushOffer {
+            signer_revocations: None,
             deployment_id: n.deployment_id,
             release: n.release,
             manifest: n.manifest,
-            data_key: "a2V5".into(),
+            wrapped_key: "a2V5".into(),
             chunk_size: 4096,
             allow_downgrade: false,
         }
@@ -467,7 +471,7 @@ mod tests {
             (n.deployment_id.as_str(), n.link.as_str(), n.link_expires_at),
             ("d1", "", 0)
         );
-        assert_eq!(n.data_key, "a2V5");
+        assert_eq!(n.wrapped_key, "a2V5");
         let j = Job::with_delivery(n.clone(), delivery);
         assert_eq!(j.next_action(), Action::Download);
         // An offer is decided like an update: the same deployment while

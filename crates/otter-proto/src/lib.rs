@@ -12,6 +12,7 @@
 //! - [`job`]: the agent's update job state machine.
 //! - [`push`]: the binary chunk format of push mode.
 //! - [`api`]: JSON shapes of the operator REST API and the device HTTPS endpoint.
+//! - [`trust`]: signed envelopes of signer certificates and revocation lists.
 
 pub mod api;
 pub mod deployment;
@@ -20,6 +21,7 @@ pub mod manifest;
 pub mod messages;
 pub mod push;
 pub mod topics;
+pub mod trust;
 
 /// Version of the device protocol spoken by this build. A registration with a
 /// different major protocol is refused by the server with an error message.

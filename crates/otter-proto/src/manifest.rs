@@ -235,6 +235,11 @@ pub struct SignedManifest {
     pub signer: String,
     /// Base64 (standard, padded) of the 64-byte Ed25519 signature over `manifest`.
     pub signature: String,
+    /// The root-signed certificate of `signer`, when the signer is not
+    /// trusted directly but certified by an offline root. Absent (older
+    /// packages, directly trusted signers) is not written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_certificate: Option<Box<crate::trust::SignedCertificate>>,
 }
 
 /// Splits a release id `name@version` into its parts.

@@ -64,6 +64,12 @@ pub struct Registration {
     pub mode: Mode,
     /// Free-form capability names (`"file"`, `"command"`, `"range"`, ...).
     pub capabilities: Vec<String>,
+    /// Standard base64 of the device's 32-byte X25519 public encryption key:
+    /// the server wraps each release's data key to it (HPKE). Absent from
+    /// agents older than per-device wrapping; such a device is sent no
+    /// release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption_key: Option<String>,
 }
 
 /// Server → device, on the device's `notify` topic.
@@ -89,14 +95,18 @@ pub struct PushOffer {
     /// `name@version`.
     pub release: String,
     pub manifest: SignedManifest,
-    /// Base64 of the release's 32-byte data key (see [`UpdateNotification`]).
-    pub data_key: String,
+    /// The release's data key, HPKE-wrapped to this device (see
+    /// [`UpdateNotification`]).
+    pub wrapped_key: String,
     /// Size of every chunk but the last, in bytes (at most
     /// [`crate::push::MAX_CHUNK_BYTES`]).
     pub chunk_size: u32,
     /// The deployment allows a downgrade (see [`UpdateNotification`]).
     #[serde(default, skip_serializing_if = "crate::manifest::is_false")]
     pub allow_downgrade: bool,
+    /// The signer revocation list in force (see [`UpdateNotification`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_revocations: Option<Box<crate::trust::SignedRevocationList>>,
 }
 
 /// Push mode, device → server on `ack`: every byte before `offset` of the
@@ -131,15 +141,24 @@ pub struct UpdateNotification {
     pub link: String,
     /// Unix seconds after which the link answers 410.
     pub link_expires_at: i64,
-    /// Base64 of the release's 32-byte data key. Carried only over the
-    /// mutually authenticated MQTT session to this device.
-    pub data_key: String,
+    /// The release's 32-byte data key, HPKE-wrapped to this device's
+    /// encryption key and bound to its device id, the release and the
+    /// manifest's artifact sha256 (`otter_package::wrap`): standard base64 of
+    /// `enc || ciphertext`. Only this device can open it. (`data_key` is the
+    /// name jobs persisted by older agents used; such a key no longer opens.)
+    #[serde(alias = "data_key")]
+    pub wrapped_key: String,
     /// The deployment allows installing this release over a newer version
     /// (`otter deploy create --allow-downgrade`). The device downgrades only
     /// when the signed manifest allows it too (`job::decide`). Absent means
     /// false, and false is not sent, so older agents still read the message.
     #[serde(default, skip_serializing_if = "crate::manifest::is_false")]
     pub allow_downgrade: bool,
+    /// The signer revocation list in force on the server, root-signed: the
+    /// device keeps the newest valid list it has seen and refuses packages
+    /// by the keys it names. Absent when none was published.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signer_revocations: Option<Box<crate::trust::SignedRevocationList>>,
 }
 
 /// An error answer to a device message.
@@ -229,6 +248,7 @@ mod tests {
             agent_version: "0.1.0".into(),
             mode: Mode::PushPull,
             capabilities: vec!["file".into()],
+            encryption_key: Some("a2V5".into()),
         };
         let bytes = encode(&reg);
         assert_eq!(decode::<Registration>(&bytes).unwrap(), reg);

@@ -82,6 +82,7 @@ proptest! {
             agent_version: "1.0.0".into(),
             mode,
             capabilities: vec!["file".into()],
+            encryption_key: None,
         };
         prop_assert_eq!(decode::<Registration>(&encode(&registration)), Ok(registration));
     }

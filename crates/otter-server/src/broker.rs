@@ -92,7 +92,8 @@ pub enum BrokerEvent {
 pub struct BrokerConfig {
     /// Port 0 picks a free port; [`start_embedded`] returns the bound address.
     pub listen: SocketAddr,
-    /// The device CA: the only issuer whose client certificates are accepted.
+    /// PEM bundle of the device CAs (ours and any `--device-ca`): the only
+    /// issuers whose client certificates are accepted.
     pub ca_cert: PathBuf,
     pub server_cert: PathBuf,
     pub server_key: PathBuf,
@@ -111,7 +112,7 @@ impl BrokerConfig {
     pub fn from_pki(listen: SocketAddr, pki: &crate::pki::Pki) -> BrokerConfig {
         BrokerConfig {
             listen,
-            ca_cert: pki.ca_cert_path().to_owned(),
+            ca_cert: pki.client_cas_path().to_owned(),
             server_cert: pki.server_cert_path().to_owned(),
             server_key: pki.server_key_path().to_owned(),
             max_packet_size: 1024 * 1024,

@@ -29,6 +29,12 @@ pub struct ServerConfig {
     pub public_hosts: Vec<String>,
     /// Files holding the PEM public keys of trusted package signers.
     pub trusted_signers: Vec<PathBuf>,
+    /// Files holding the PEM public keys of trusted offline root keys: a
+    /// package whose signer carries a certificate from one is trusted.
+    pub trusted_roots: Vec<PathBuf>,
+    /// PEM files of the operator's own device CAs (the factory path): their
+    /// device certificates are accepted for imported devices.
+    pub device_cas: Vec<PathBuf>,
     /// Lifetime of a download link.
     pub link_ttl: Duration,
     /// Largest package upload accepted, in bytes.
@@ -51,6 +57,8 @@ impl ServerConfig {
             mqtt_addr: SocketAddr::new(any, 8883),
             public_hosts: Vec::new(),
             trusted_signers: Vec::new(),
+            trusted_roots: Vec::new(),
+            device_cas: Vec::new(),
             link_ttl: DEFAULT_LINK_TTL,
             max_upload_bytes: DEFAULT_MAX_UPLOAD_BYTES,
             push: crate::push::PushSettings::default(),

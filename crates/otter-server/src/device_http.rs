@@ -13,6 +13,11 @@
 //!   bytes.
 //! - `POST /v1/status` takes a `StatusReport` and applies it with
 //!   `engine::apply_report`, the function the MQTT path uses.
+//! - `POST /v1/enrol` (CSR enrolment with a one-time token, see
+//!   `crate::api::enrolment`) is the one route a client without a
+//!   certificate may call: the TLS layer lets such a client finish the
+//!   handshake, and every other request of its connection is answered
+//!   `401 device-certificate-required` before routing.
 //!
 //! Device bodies are bounded by `otter_proto::MAX_MESSAGE_BYTES`; a
 //! malformed one is answered `400 malformed-message` and audited
@@ -121,15 +126,22 @@ pub struct DeviceEndpointState {
     pub link_secret: Arc<LinkSecret>,
     /// Makes the links and notifications a poll answers with.
     pub notifier: Notifier,
+    /// Signs the certificates of `POST /v1/enrol`.
+    pub enrolment: crate::api::enrolment::DeviceEnrolment,
 }
 
-/// The endpoint's routes. Requests must carry a [`PeerDevice`] extension,
-/// which [`serve`] adds.
+/// The route a client without a certificate may call.
+pub const ENROL_PATH: &str = "/v1/enrol";
+
+/// The endpoint's routes. Requests but enrolment's must carry a
+/// [`PeerDevice`] extension, which [`serve`] adds (and without which it
+/// answers 401 before routing).
 pub fn router(state: DeviceEndpointState) -> Router {
     Router::new()
         .route("/v1/download/{token}", get(download))
         .route("/v1/poll", post(poll))
         .route("/v1/status", post(status))
+        .route(ENROL_PATH, post(crate::api::enrolment::enrol_with_csr))
         .fallback(|| async { ApiError::not_found("not-found", "no such route") })
         .with_state(state)
 }
@@ -191,28 +203,38 @@ pub async fn serve(
                     return;
                 }
             };
-            let identity = tls_stream
+            // `None`: no certificate (only enrolment is allowed then). A
+            // certificate that verified but names no device id is refused.
+            let peer = match tls_stream
                 .get_ref()
                 .1
                 .peer_certificates()
                 .and_then(|chain| chain.first())
-                .and_then(|certificate| pki::certificate_identity(certificate.as_ref()));
-            let Some(identity) = identity else {
-                tracing::debug!(%peer_address, "client certificate names no valid device id");
-                return;
+            {
+                None => None,
+                Some(certificate) => match pki::certificate_identity(certificate.as_ref()) {
+                    Some(identity) => Some((PeerDevice(identity.device_id), identity.serial_hex)),
+                    None => {
+                        tracing::debug!(%peer_address, "client certificate names no valid device id");
+                        return;
+                    }
+                },
             };
-            let peer = PeerDevice(identity.device_id);
-            let serial = identity.serial_hex;
             let service = hyper::service::service_fn(move |mut request: Request<Incoming>| {
-                // Checked per request, not per connection, so a revocation
-                // also refuses a connection kept alive from before it.
-                let revoked = revocations
-                    .is_revoked(&serial)
-                    .then(|| revoked_answer(&peer));
-                request.extensions_mut().insert(peer.clone());
+                let refused = match &peer {
+                    // Checked per request, not per connection, so a
+                    // revocation also refuses a connection kept alive from
+                    // before it.
+                    Some((peer, serial)) => {
+                        let revoked = revocations.is_revoked(serial).then(|| revoked_answer(peer));
+                        request.extensions_mut().insert(peer.clone());
+                        revoked
+                    }
+                    None => (request.uri().path() != ENROL_PATH).then(certificate_required_answer),
+                };
                 let router = router.clone();
                 async move {
-                    if let Some(answer) = revoked {
+                    if let Some(answer) = refused {
                         return Ok(answer);
                     }
                     router
@@ -312,6 +334,18 @@ pub fn decide_range(header_value: Option<&str>, size: u64) -> RangeDecision {
         start,
         end: end.map_or(size - 1, |end| end.min(size - 1)),
     }
+}
+
+/// `401 device-certificate-required`: a request without a client
+/// certificate to any route but enrolment, answered before routing.
+fn certificate_required_answer() -> Response {
+    use axum::response::IntoResponse;
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "device-certificate-required",
+        "this route needs a device client certificate",
+    )
+    .into_response()
 }
 
 /// `403 device-revoked`, closing the connection: every request made with a
@@ -567,6 +601,19 @@ async fn poll(
         )
         .await;
     }
+    if let Some(key) = &registration.encryption_key
+        && let Err(message) = crate::notify::check_encryption_key(key)
+    {
+        return reject(
+            &state.store,
+            &device_id,
+            "poll",
+            StatusCode::BAD_REQUEST,
+            "malformed-message",
+            message,
+        )
+        .await;
+    }
     let outcome = state
         .store
         .record_registration(
@@ -603,7 +650,7 @@ async fn poll(
             .prepare_update(&device_id, &deployment_id)
             .await?
         {
-            prepared = Some(update);
+            prepared = Some(*update);
             break;
         }
     }

@@ -281,6 +281,12 @@ impl Engine {
             ));
             return self.reject(device_id, "register", &error).await;
         }
+        if let Some(key) = &registration.encryption_key
+            && let Err(reason) = crate::notify::check_encryption_key(key)
+        {
+            let error = DecodeError::Malformed(reason);
+            return self.reject(device_id, "register", &error).await;
+        }
         // Every MQTT registration is stored and audited, so the last-seen
         // threshold (for unchanged polls) does not apply.
         let now = clock::now_rfc3339();

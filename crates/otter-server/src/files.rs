@@ -41,6 +41,56 @@ fn temporary_sibling(path: &Path) -> PathBuf {
     path.with_file_name(name)
 }
 
+/// Why a secret file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum SecretFileError {
+    #[error("cannot read or create {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path} holds {len} bytes, expected {expected}")]
+    WrongLength {
+        path: String,
+        len: usize,
+        expected: usize,
+    },
+}
+
+/// Reads the `N`-byte secret at `path`, or creates it with `N` random bytes
+/// (mode 0600, written atomically). A file of another length is an error,
+/// never replaced: whatever it protects would be lost with it.
+pub fn load_or_create_secret<const N: usize>(path: &Path) -> Result<[u8; N], SecretFileError> {
+    use std::io::Read;
+    let io_error = |source| SecretFileError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    match std::fs::File::open(path) {
+        Ok(file) => {
+            let mut bytes = Vec::with_capacity(N);
+            // Read one byte more than needed to detect a longer file.
+            file.take(N as u64 + 1)
+                .read_to_end(&mut bytes)
+                .map_err(io_error)?;
+            bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| SecretFileError::WrongLength {
+                    path: path.display().to_string(),
+                    len: bytes.len(),
+                    expected: N,
+                })
+        }
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let secret: [u8; N] = std::array::from_fn(|_| rand::random());
+            write_private_atomically(path, &secret).map_err(io_error)?;
+            Ok(secret)
+        }
+        Err(error) => Err(io_error(error)),
+    }
+}
+
 /// Creates a directory (and its parents) with mode 0700 if it is missing.
 pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::DirBuilderExt;

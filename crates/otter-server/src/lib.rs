@@ -37,6 +37,7 @@ pub mod pki;
 pub mod push;
 pub mod revocation;
 pub mod store;
+pub mod vault;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -62,6 +63,7 @@ use crate::notify::Notifier;
 use crate::pki::Pki;
 use crate::push::Pusher;
 use crate::store::Store;
+use crate::vault::KeyVault;
 
 /// Name of the first operator token, created on first start.
 pub const ADMIN_TOKEN_NAME: &str = "admin";
@@ -96,6 +98,9 @@ impl DataDir {
     pub fn link_secret(&self) -> PathBuf {
         self.root.join("link.secret")
     }
+    pub fn data_key_secret(&self) -> PathBuf {
+        self.root.join("data-key.secret")
+    }
     pub fn admin_token(&self) -> PathBuf {
         self.root.join("admin.token")
     }
@@ -121,16 +126,36 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         .validate()
         .map_err(|reason| anyhow::anyhow!("invalid push settings: {reason}"))?;
     let (trusted_signers, trusted_signer_pems) = load_trusted_signers(&config.trusted_signers)?;
-    let pki = Arc::new(
-        Pki::load_or_create(&data_dir.root, &config.public_hosts)
-            .context("cannot load or create the PKI")?,
-    );
+    let (trusted_roots, trusted_root_pems) = load_keys(&config.trusted_roots, "trusted root")?;
+    if trusted_signers.is_empty() && trusted_roots.is_empty() {
+        tracing::warn!(
+            "no trusted signer or root configured (--trusted-signer, --trusted-root): \
+             every package upload will be refused"
+        );
+    }
+    let mut pki = Pki::load_or_create(&data_dir.root, &config.public_hosts)
+        .context("cannot load or create the PKI")?;
+    pki.trust_device_cas(&config.device_cas)
+        .context("cannot load the device CAs (--device-ca)")?;
+    let pki = Arc::new(pki);
     let link_secret = Arc::new(LinkSecret::load_or_create(&data_dir.link_secret())?);
     let blobs = BlobStore::open_local(&data_dir.blobs()).context("cannot open blob storage")?;
     let store = Store::open_sqlite(&data_dir.database())
         .await
         .with_context(|| format!("cannot open the database {}", data_dir.database().display()))?;
     ensure_admin_token(&store, &data_dir.admin_token()).await?;
+    let vault = KeyVault::load_or_create(&data_dir.data_key_secret())?;
+    let sealed = store
+        .seal_plaintext_data_keys(&vault)
+        .await
+        .context("cannot seal the release data keys stored in clear")?;
+    if sealed > 0 {
+        tracing::info!(
+            releases = sealed,
+            "sealed data keys stored in clear under data-key.secret"
+        );
+    }
+    let signer_trust = load_signer_trust(&store, &trusted_roots, &trusted_signers).await?;
     let revocations = revocation::Revocations::new(
         store
             .revoked_serials()
@@ -172,6 +197,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         device_base_url: urls.device_url.clone(),
         link_ttl: config.link_ttl,
         push_chunk_size: config.push.chunk_size,
+        vault: vault.clone(),
     };
     let (engine_commands, engine_inbox) = mpsc::channel(engine::COMMAND_CAPACITY);
     let pusher = Pusher::new(
@@ -187,16 +213,25 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
     )?;
 
     let api_state = ApiState {
+        vault,
         store: store.clone(),
         blobs: blobs.clone(),
         pki: pki.clone(),
         trusted_signers: Arc::new(trusted_signers),
         trusted_signer_pems: Arc::new(trusted_signer_pems),
+        trusted_root_pems: Arc::new(trusted_root_pems),
+        signer_trust: signer_trust.clone(),
         urls,
         tmp_dir: data_dir.tmp(),
         max_upload_bytes: config.max_upload_bytes,
         engine: engine_commands,
         revocations: revocations.clone(),
+    };
+    let device_enrolment = api::enrolment::DeviceEnrolment {
+        pki: pki.clone(),
+        trusted_signer_pems: api_state.trusted_signer_pems.clone(),
+        trusted_root_pems: api_state.trusted_root_pems.clone(),
+        urls: api_state.urls.clone(),
     };
     let api_stop = stop.clone();
     let mut api_task = tokio::spawn(async move {
@@ -210,6 +245,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> an
         blobs,
         link_secret,
         notifier,
+        enrolment: device_enrolment,
     });
     let device_task = tokio::spawn(device_http::serve(
         device_listener,
@@ -308,20 +344,43 @@ fn spawn_engine_thread(
 fn load_trusted_signers(
     paths: &[PathBuf],
 ) -> anyhow::Result<(Vec<ed25519_dalek::VerifyingKey>, Vec<String>)> {
+    load_keys(paths, "trusted signer")
+}
+
+/// Reads each public key file; returns the keys and their PEM.
+fn load_keys(
+    paths: &[PathBuf],
+    what: &str,
+) -> anyhow::Result<(Vec<ed25519_dalek::VerifyingKey>, Vec<String>)> {
     let mut keys = Vec::with_capacity(paths.len());
     let mut pems = Vec::with_capacity(paths.len());
     for path in paths {
         let key = otter_package::keys::read_verifying_key(path)
-            .with_context(|| format!("cannot read trusted signer key {}", path.display()))?;
+            .with_context(|| format!("cannot read {what} key {}", path.display()))?;
         pems.push(otter_package::keys::verifying_key_pem(&key));
         keys.push(key);
     }
-    if keys.is_empty() {
-        tracing::warn!(
-            "no trusted signer configured (--trusted-signer): every package upload will be refused"
-        );
-    }
     Ok((keys, pems))
+}
+
+/// The trust store uploads are verified with: pinned roots, direct signers
+/// and the revocation list in force (the stored one, if a pinned root still
+/// signs it; otherwise it is ignored with a warning).
+async fn load_signer_trust(
+    store: &Store,
+    roots: &[ed25519_dalek::VerifyingKey],
+    signers: &[ed25519_dalek::VerifyingKey],
+) -> anyhow::Result<api::SignerTrust> {
+    let mut trust = otter_package::trust::TrustStore::new(roots, signers);
+    if let Some(list) = store
+        .signer_revocations()
+        .await
+        .context("cannot load the signer revocation list")?
+        && let Err(error) = trust.apply_revocation_list(&list)
+    {
+        tracing::warn!(%error, "the stored signer revocation list is not signed by a trusted root; ignored");
+    }
+    Ok(Arc::new(std::sync::RwLock::new(trust)))
 }
 
 /// On first start (no operator token in the database) creates the admin

@@ -12,7 +12,6 @@
 //! Everything here is pure apart from [`LinkSecret::load_or_create`]:
 //! [`verify`] takes the stored link and `now` as arguments.
 
-use std::io::Read;
 use std::path::Path;
 
 use base64::Engine;
@@ -40,53 +39,14 @@ impl std::fmt::Debug for LinkSecret {
     }
 }
 
-/// Why the secret file cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkSecretError {
-    #[error("cannot read or create {path}: {source}")]
-    Io {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{path} holds {len} bytes, expected {SECRET_LEN}")]
-    WrongLength { path: String, len: usize },
-}
-
 impl LinkSecret {
     pub fn from_bytes(bytes: [u8; SECRET_LEN]) -> Self {
         LinkSecret(bytes)
     }
 
     /// Reads the secret, or creates it with 32 random bytes (mode 0600).
-    pub fn load_or_create(path: &Path) -> Result<Self, LinkSecretError> {
-        let io_error = |source| LinkSecretError::Io {
-            path: path.display().to_string(),
-            source,
-        };
-        match std::fs::File::open(path) {
-            Ok(file) => {
-                let mut bytes = Vec::with_capacity(SECRET_LEN);
-                // Read one byte more than needed to detect a longer file.
-                file.take(SECRET_LEN as u64 + 1)
-                    .read_to_end(&mut bytes)
-                    .map_err(io_error)?;
-                let secret: [u8; SECRET_LEN] =
-                    bytes
-                        .as_slice()
-                        .try_into()
-                        .map_err(|_| LinkSecretError::WrongLength {
-                            path: path.display().to_string(),
-                            len: bytes.len(),
-                        })?;
-                Ok(LinkSecret(secret))
-            }
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                let secret: [u8; SECRET_LEN] = rand::random();
-                crate::files::write_private_atomically(path, &secret).map_err(io_error)?;
-                Ok(LinkSecret(secret))
-            }
-            Err(error) => Err(io_error(error)),
-        }
+    pub fn load_or_create(path: &Path) -> Result<Self, crate::files::SecretFileError> {
+        crate::files::load_or_create_secret(path).map(LinkSecret)
     }
 
     fn mac(
@@ -440,7 +400,7 @@ mod tests {
         std::fs::write(&path, b"short").unwrap();
         assert!(matches!(
             LinkSecret::load_or_create(&path),
-            Err(LinkSecretError::WrongLength { len: 5, .. })
+            Err(crate::files::SecretFileError::WrongLength { len: 5, .. })
         ));
     }
 

@@ -37,6 +37,15 @@ struct Flags {
     /// PEM public key of a trusted package signer (repeatable).
     #[arg(long, env = "OTTER_TRUSTED_SIGNER", value_delimiter = ',')]
     trusted_signer: Vec<PathBuf>,
+    /// PEM public key of a trusted offline root key (repeatable): packages
+    /// signed by a signer it certified are accepted (`otter keys certify`).
+    #[arg(long, env = "OTTER_TRUSTED_ROOT", value_delimiter = ',')]
+    trusted_root: Vec<PathBuf>,
+    /// PEM file of an operator-run device CA (repeatable; the factory path):
+    /// certificates it issued are accepted for devices imported with
+    /// `otter device import`.
+    #[arg(long, env = "OTTER_DEVICE_CA", value_delimiter = ',')]
+    device_ca: Vec<PathBuf>,
     /// Lifetime of a download link, e.g. `1h`, `30m`.
     #[arg(long, env = "OTTER_LINK_TTL", default_value = "1h", value_parser = parse_ttl)]
     link_ttl: Duration,
@@ -115,6 +124,8 @@ fn main() -> ExitCode {
     let config = ServerConfig {
         public_hosts: flags.public_host,
         trusted_signers: flags.trusted_signer,
+        trusted_roots: flags.trusted_root,
+        device_cas: flags.device_ca,
         link_ttl: flags.link_ttl,
         max_upload_bytes: flags.max_upload,
         api_addr: flags.api_addr,

@@ -19,7 +19,9 @@
 //! certificate templates (`ca_params`, `server_params`, `device_params`), then
 //! certificate inspection ([`certificate_identity`]) and file helpers. Device
 //! certificates are issued by `issue_for_public_key`, which takes only the
-//! device's public key, so CSR enrolment is a thin wrapper to add later.
+//! device's public key: [`Pki::issue_device`] generates the key here (the
+//! server-generated-key path), [`Pki::issue_for_csr`] takes it from a
+//! device's CSR, whose key never leaves the device.
 
 use std::fs;
 use std::io::Write;
@@ -80,6 +82,18 @@ impl From<rcgen::Error> for PkiError {
     }
 }
 
+/// Why a CSR was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum CsrError {
+    /// Not a PEM PKCS#10 request, or its self-signature does not verify.
+    #[error("invalid certificate signing request: {0}")]
+    Invalid(String),
+    #[error("unsupported key type {0}: use ECDSA P-256 or Ed25519")]
+    UnsupportedKey(String),
+    #[error(transparent)]
+    Pki(PkiError),
+}
+
 /// A certificate and private key issued to a device, both PEM.
 #[derive(Clone)]
 pub struct IssuedCertificate {
@@ -117,6 +131,10 @@ pub struct Pki {
     ca_cert_path: PathBuf,
     server_cert_path: PathBuf,
     server_key_path: PathBuf,
+    /// The operator's own device CAs (`--device-ca`), trusted next to ours.
+    extra_cas: Vec<CertificateDer<'static>>,
+    /// `pki/client-cas.pem`: our CA and the extra ones, for the broker.
+    client_cas_path: PathBuf,
 }
 
 impl std::fmt::Debug for Pki {
@@ -213,7 +231,8 @@ impl Pki {
         let server_key_der = PrivateKeyDer::try_from(server_key.serialize_der())
             .map_err(|error| PkiError::Invalid(format!("server key: {error}")))?;
 
-        Ok(Pki {
+        let client_cas_path = pki_dir.join("client-cas.pem");
+        let pki = Pki {
             ca_pem,
             ca_der,
             ca_issuer,
@@ -222,6 +241,83 @@ impl Pki {
             ca_cert_path,
             server_cert_path,
             server_key_path,
+            extra_cas: Vec::new(),
+            client_cas_path,
+        };
+        pki.write_client_cas()?;
+        Ok(pki)
+    }
+
+    /// Also trusts device certificates issued by the operator's own CAs
+    /// (`--device-ca`, the factory path): each file holds one or more PEM CA
+    /// certificates. The broker and the device endpoint then accept those
+    /// certificates (CN = device id) for devices the operator imported
+    /// (`POST /api/v1/devices/import`). A file that holds no certificate, or
+    /// a certificate that is not a CA, is refused.
+    pub fn trust_device_cas(&mut self, paths: &[PathBuf]) -> Result<(), PkiError> {
+        for path in paths {
+            let pem = read_pem_file(path)?;
+            let mut found = 0;
+            for certificate in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                let certificate = certificate
+                    .map_err(|error| PkiError::Invalid(format!("{}: {error}", path.display())))?;
+                if !is_ca_certificate(&certificate) {
+                    return Err(PkiError::Invalid(format!(
+                        "{}: holds a certificate that is not a CA (basicConstraints CA:TRUE missing)",
+                        path.display()
+                    )));
+                }
+                self.extra_cas.push(certificate.into_owned());
+                found += 1;
+            }
+            if found == 0 {
+                return Err(PkiError::Invalid(format!(
+                    "{}: no PEM certificate found",
+                    path.display()
+                )));
+            }
+        }
+        self.write_client_cas()
+    }
+
+    /// Writes `pki/client-cas.pem`: every CA whose device certificates the
+    /// broker accepts (ours first).
+    fn write_client_cas(&self) -> Result<(), PkiError> {
+        let mut bundle = self.ca_pem.trim_end().to_owned();
+        bundle.push('\n');
+        for certificate in &self.extra_cas {
+            bundle.push_str(&certificate_pem(certificate));
+        }
+        write_public_file(&self.client_cas_path, bundle.as_bytes())
+    }
+
+    /// Every CA whose device certificates are accepted, PEM, ours first
+    /// (`pki/client-cas.pem`): what the broker verifies clients against.
+    pub fn client_cas_path(&self) -> &Path {
+        &self.client_cas_path
+    }
+
+    /// Checks a device certificate as the TLS layer will (chain to one of
+    /// the trusted device CAs, validity now, client-auth usage) and returns
+    /// its identity. Used to import pre-issued (factory) certificates.
+    pub fn verify_device_certificate(&self, der: &[u8]) -> Result<CertificateIdentity, PkiError> {
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(self.ca_root_store()?, aws_lc_provider())
+                .build()
+                .map_err(|error| PkiError::Invalid(format!("client verifier: {error}")))?;
+        let certificate = CertificateDer::from(der.to_vec());
+        verifier
+            .verify_client_cert(&certificate, &[], UnixTime::now())
+            .map_err(|error| {
+                PkiError::Invalid(format!(
+                    "not a valid certificate of a trusted device CA: {error}"
+                ))
+            })?;
+        certificate_identity(der).ok_or_else(|| {
+            PkiError::Invalid(
+                "the certificate's subject has no single common name that is a valid device id"
+                    .to_owned(),
+            )
         })
     }
 
@@ -254,6 +350,32 @@ impl Pki {
         })
     }
 
+    /// Issues a device certificate for the public key of a PEM CSR, whose
+    /// self-signature rcgen verifies. Only P-256 ECDSA and Ed25519 keys are
+    /// accepted; subject, names and extensions come from `device_params`,
+    /// never from the CSR. Returns the certificate PEM and its serial.
+    pub fn issue_for_csr(
+        &self,
+        device_id: &DeviceId,
+        csr_pem: &str,
+    ) -> Result<(String, String), CsrError> {
+        let csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(|error| CsrError::Invalid(error.to_string()))?;
+        let algorithm = csr.public_key.algorithm();
+        if algorithm != &rcgen::PKCS_ECDSA_P256_SHA256 && algorithm != &rcgen::PKCS_ED25519 {
+            return Err(CsrError::UnsupportedKey(format!("{algorithm:?}")));
+        }
+        self.issue_for_public_key(device_id, &csr.public_key)
+            .map_err(CsrError::Pki)
+    }
+
+    /// SHA-256 (lower-case hex) of the device CA certificate's DER: what an
+    /// operator compares with the CA file a device pins.
+    pub fn ca_sha256(&self) -> String {
+        use sha2::{Digest, Sha256};
+        hex::encode(Sha256::digest(self.ca_der.as_ref()))
+    }
+
     /// Signs a device certificate for `public_key`. The one place device
     /// certificates are made, so server-side keys and CSR enrolment share it.
     fn issue_for_public_key(
@@ -274,16 +396,26 @@ impl Pki {
         roots
             .add(self.ca_der.clone())
             .map_err(|error| PkiError::Invalid(format!("device CA: {error}")))?;
+        for certificate in &self.extra_cas {
+            roots
+                .add(certificate.clone())
+                .map_err(|error| PkiError::Invalid(format!("extra device CA: {error}")))?;
+        }
         Ok(Arc::new(roots))
     }
 
     /// rustls server configuration for the device HTTPS endpoint: the server
-    /// certificate, a client certificate required and verified against the
-    /// device CA only, ALPN "http/1.1", aws-lc-rs.
+    /// certificate, a client certificate verified against the device CA only,
+    /// ALPN "http/1.1", aws-lc-rs. A client without a certificate completes
+    /// the handshake (so a new device can reach `POST /v1/enrol`); the
+    /// endpoint refuses its requests to every other route
+    /// (`crate::device_http`). A certificate that does not verify still fails
+    /// the handshake.
     pub fn device_tls_config(&self) -> Result<Arc<rustls::ServerConfig>, PkiError> {
         let provider = aws_lc_provider();
         let client_verifier =
             WebPkiClientVerifier::builder_with_provider(self.ca_root_store()?, provider.clone())
+                .allow_unauthenticated()
                 .build()
                 .map_err(|error| PkiError::Invalid(format!("client verifier: {error}")))?;
         let mut config = rustls::ServerConfig::builder_with_provider(provider)
@@ -322,6 +454,27 @@ pub fn certificate_identity(der: &[u8]) -> Option<CertificateIdentity> {
         device_id,
         serial_hex: certificate.serial.to_str_radix(16),
     })
+}
+
+/// Whether `der` is a CA certificate (basicConstraints CA:TRUE).
+fn is_ca_certificate(der: &CertificateDer<'_>) -> bool {
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, certificate)) => certificate.is_ca(),
+        Err(_) => false,
+    }
+}
+
+/// PEM text of a DER certificate (64-column base64 lines).
+fn certificate_pem(der: &CertificateDer<'_>) -> String {
+    use base64::Engine as _;
+    let encoded = base64::engine::general_purpose::STANDARD.encode(der.as_ref());
+    let mut pem = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in encoded.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END CERTIFICATE-----\n");
+    pem
 }
 
 fn aws_lc_provider() -> Arc<CryptoProvider> {
@@ -801,8 +954,11 @@ mod tests {
         let peer = &server.peer_certificates().unwrap()[0];
         assert_eq!(device_id_from_certificate(peer), Some(device("dev-1")));
 
-        let (result, _) = connect(&pki, None);
-        assert!(result.is_err(), "a client without certificate was accepted");
+        // Without a certificate the handshake completes (for enrolment) but
+        // names no peer; the endpoint refuses such requests but enrolment.
+        let (result, server) = connect(&pki, None);
+        result.unwrap();
+        assert!(server.peer_certificates().is_none());
 
         let other_dir = tempfile::tempdir().unwrap();
         let other_pki = Pki::load_or_create(other_dir.path(), &[]).unwrap();

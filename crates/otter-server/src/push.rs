@@ -601,13 +601,15 @@ impl Pusher {
 }
 
 impl Notifier {
-    /// Step 4 for a push device: publishes the offer and records
-    /// `notification.sent` (delivery push) and `push.offered`, with the
-    /// offset last acknowledged (where a resume will likely start).
+    /// Step 4 for a push device: publishes the offer (with the data key
+    /// the caller wrapped to the device) and records `notification.sent`
+    /// (delivery push) and `push.offered`, with the offset last
+    /// acknowledged (where a resume will likely start).
     pub(crate) async fn offer_push(
         &self,
         device_id: &DeviceId,
         deployment_id: &str,
+        wrapped_key: String,
     ) -> Result<NotifyOutcome, NotifyError> {
         let Some(target) = self
             .store
@@ -628,9 +630,10 @@ impl Notifier {
             deployment_id: deployment_id.to_owned(),
             release: target.release_id.clone(),
             manifest: release.info.manifest.clone(),
-            data_key: release.data_key.clone(),
+            wrapped_key,
             chunk_size: self.push_chunk_size,
             allow_downgrade: target.allow_downgrade,
+            signer_revocations: self.store.signer_revocations().await?.map(Box::new),
         });
         match self
             .bus

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use engine_support::{RecordingBus, registration, stub_release};
+use engine_support::{RecordingBus, registration, stub_data_key, stub_release, unwrap_stub_key};
 use otter_proto::api::{Channel, Target};
 use otter_proto::deployment::Phase;
 use otter_proto::messages::{Mode, ServerMessage, decode};
@@ -110,6 +110,7 @@ async fn deployment_to_many_devices_is_notified_in_batches() {
         device_base_url: "https://127.0.0.1:8443".to_owned(),
         link_ttl: Duration::from_secs(3600),
         push_chunk_size: 1024,
+        vault: engine_support::test_vault(),
     };
     let blobs = BlobStore::open_local(&dir.path().join("blobs")).unwrap();
     let pusher = Pusher::new(store.clone(), bus_dyn, blobs, PushSettings::default());
@@ -197,7 +198,11 @@ async fn deployment_to_many_devices_is_notified_in_batches() {
         assert_eq!(update.deployment_id, "dep-1");
         assert_eq!(update.release, "app@1.0.0");
         assert_eq!(update.manifest, release.info.manifest);
-        assert_eq!(update.data_key, "data-key");
+        assert!(!update.wrapped_key.contains(&stub_data_key().to_base64()));
+        let opened = unwrap_stub_key(device_id.as_str(), &update.wrapped_key).unwrap();
+        assert_eq!(opened.as_bytes(), stub_data_key().as_bytes());
+        // Bound to the device: it does not open as another one's.
+        assert!(unwrap_stub_key("someone-else", &update.wrapped_key).is_err());
         assert!(
             published_links
                 .insert(device_id.to_string(), update.link)

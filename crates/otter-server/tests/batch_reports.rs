@@ -134,6 +134,7 @@ async fn a_burst_of_reports_is_applied_as_one_by_one() {
         device_base_url: "https://127.0.0.1:8443".to_owned(),
         link_ttl: Duration::from_secs(3600),
         push_chunk_size: 1024,
+        vault: engine_support::test_vault(),
     };
     // Step 4 first, so every device has a link and is notified.
     let template = notifier.update_template("dep-1").await.unwrap().unwrap();

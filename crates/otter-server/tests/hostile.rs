@@ -93,6 +93,7 @@ fn registration(mode: Mode) -> Registration {
         agent_version: "0.1.0".into(),
         mode,
         capabilities: vec!["file".into(), "range".into()],
+        encryption_key: common::encryption_key(),
     }
 }
 

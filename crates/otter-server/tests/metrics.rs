@@ -61,6 +61,7 @@ async fn download_counts_payload_and_wire_bytes() {
         agent_version: "0.1.0".into(),
         mode: Mode::Pull,
         capabilities: vec!["file".into()],
+        encryption_key: common::encryption_key(),
     };
     let answer: PollResponse = http
         .post(format!("{base}/v1/poll"))

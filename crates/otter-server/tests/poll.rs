@@ -35,6 +35,7 @@ impl PollingDevice {
                 agent_version: "0.1.0".into(),
                 mode: Mode::Pull,
                 capabilities: vec!["file".into()],
+                encryption_key: common::encryption_key(),
             },
         }
     }

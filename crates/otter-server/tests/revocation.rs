@@ -31,6 +31,7 @@ fn registration() -> Registration {
         agent_version: "0.1.0".into(),
         mode: Mode::Pull,
         capabilities: vec!["file".into()],
+        encryption_key: common::encryption_key(),
     }
 }
 

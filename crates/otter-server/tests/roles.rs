@@ -66,6 +66,13 @@ struct Fixture {
     victim_token: String,
     /// Bytes of a valid package not uploaded yet.
     new_package: Vec<u8>,
+    /// An unused enrolment token the requests may try to revoke.
+    enrolment_token_id: String,
+    /// A certificate of the server's factory CA, not imported yet.
+    factory_certificate: String,
+    /// A signer revocation list signed by the server's root (revoking an
+    /// unrelated key).
+    revocation_list: serde_json::Value,
 }
 
 impl Fixture {
@@ -78,6 +85,9 @@ impl Fixture {
             "/api/v1/releases/{id}" => format!("/api/v1/releases/{}", self.release_id),
             "/api/v1/deployments/{id}" => format!("/api/v1/deployments/{}", self.deployment_id),
             "/api/v1/tokens/{name}" => format!("/api/v1/tokens/{}", self.victim_token),
+            "/api/v1/enrolment-tokens/{id}" => {
+                format!("/api/v1/enrolment-tokens/{}", self.enrolment_token_id)
+            }
             // A route added later: any value reaches the guard.
             other => other.replace(['{', '}'], ""),
         }
@@ -96,6 +106,7 @@ impl Fixture {
         }
         match (spec.method, spec.path) {
             (RouteMethod::Get, _) | (RouteMethod::Delete, _) => request,
+            (RouteMethod::Put, _) => request.json(&self.revocation_list),
             (RouteMethod::Post, "/api/v1/releases") => request
                 .header("content-type", "application/octet-stream")
                 .body(self.new_package.clone()),
@@ -111,6 +122,14 @@ impl Fixture {
             (RouteMethod::Post, "/api/v1/deployments") => request.json(&serde_json::json!({
                 "release": self.release_id, "target": format!("device:{}", self.device_id)
             })),
+            (RouteMethod::Post, "/api/v1/enrolment-tokens") => request.json(&serde_json::json!({
+                "device_id": "dev-csr", "hardware": HARDWARE
+            })),
+            (RouteMethod::Post, "/api/v1/devices/import") => {
+                request.json(&serde_json::json!({ "devices": [
+                    { "certificate_pem": self.factory_certificate, "hardware": HARDWARE },
+                ]}))
+            }
             (RouteMethod::Post, "/api/v1/tokens") => {
                 request.json(&serde_json::json!({ "name": "intruder", "role": "admin" }))
             }
@@ -122,13 +141,27 @@ impl Fixture {
 /// A server with a release, an enrolled device, a deployment, and a viewer
 /// and an operator token besides the admin's.
 async fn populated_server() -> (Server, Fixture, String, String) {
-    let server = Server::start().await;
+    let factory = common::FactoryCa::new("Factory CA");
+    let dir = tempfile::tempdir().unwrap();
+    let factory_ca = dir.path().join("factory-ca.pem");
+    std::fs::write(&factory_ca, &factory.pem).unwrap();
+    let server = Server::start_configured(dir, |config| config.device_cas = vec![factory_ca]).await;
     let (release, _) = server.upload_release("fw", "1.0.0", &payload(64)).await;
     server.enroll("dev-1", &["line-1"]).await;
     let deployment = server.deploy(&release.id, "device:dev-1").await;
     let viewer = create_token(&server, "watcher", Role::Viewer).await;
     let operator = create_token(&server, "ops", Role::Operator).await;
     create_token(&server, "spare", Role::Viewer).await;
+    let enrolment_token: otter_proto::api::CreatedEnrolmentToken = server
+        .post_json(
+            "/api/v1/enrolment-tokens",
+            serde_json::json!({ "device_id": "dev-waiting", "hardware": HARDWARE }),
+        )
+        .await
+        .json()
+        .await
+        .unwrap();
+    let enrolment_token_id = enrolment_token.info.id;
     let new_package = package(
         &server.signer(),
         server.dir.path(),
@@ -142,8 +175,25 @@ async fn populated_server() -> (Server, Fixture, String, String) {
         deployment_id: deployment.deployment_id,
         victim_token: "spare".into(),
         new_package,
+        enrolment_token_id,
+        factory_certificate: factory.issue("dev-factory").0,
+        revocation_list: revocation_list(&server),
     };
     (server, fixture, viewer, operator)
+}
+
+/// A list revoking a key nobody uses, signed by the server's root.
+fn revocation_list(server: &Server) -> serde_json::Value {
+    let unrelated = ed25519_dalek::SigningKey::from_bytes(&[5; 32]).verifying_key();
+    let (list, _) = otter_package::trust::revoke(
+        &common::root_key(server.dir.path()),
+        None,
+        &otter_package::keys::key_id(&unrelated),
+        "test",
+        0,
+    )
+    .unwrap();
+    serde_json::to_value(list).unwrap()
 }
 
 #[test]
@@ -159,7 +209,9 @@ fn route_table_follows_the_role_policy() {
         let Access::Role(required) = spec.access else {
             continue;
         };
-        let expected = if spec.path.starts_with("/api/v1/tokens") {
+        let expected = if spec.path.starts_with("/api/v1/tokens")
+            || (spec.path == "/api/v1/signer-revocations" && spec.method == RouteMethod::Put)
+        {
             Role::Admin
         } else if spec.method == RouteMethod::Get {
             Role::Viewer
@@ -255,7 +307,7 @@ async fn every_route_refuses_missing_tokens_and_weak_roles_without_changes() {
         );
     }
     let after = snapshot(&server).await;
-    assert_eq!(after.devices.len(), before.devices.len() + 3);
+    assert_eq!(after.devices.len(), before.devices.len() + 4); // enrol, a batch of two, an import of one
     assert_eq!(after.releases.len(), before.releases.len() + 1);
     assert_eq!(after.deployments.len(), before.deployments.len() + 1);
     assert_eq!(after.tokens.len(), before.tokens.len() + 1);

@@ -440,6 +440,7 @@ impl MqttDevice {
             agent_version: "0.1.0".into(),
             mode: Mode::PushPull,
             capabilities: vec!["file".into(), "range".into()],
+            encryption_key: common::encryption_key(),
         };
         self.publish(DeviceTopic::Register, encode(&registration))
             .await;
@@ -529,7 +530,13 @@ async fn push_pull_over_mqtt_and_mtls() {
     assert_eq!(update.deployment_id, deployment_1.deployment_id);
     assert_eq!(update.release, "fw@1.0.0");
     assert_eq!(update.manifest, release_1.manifest);
-    assert_eq!(update.data_key.len(), 44);
+    common::unwrap_key(
+        &common::DEVICE_KEY,
+        "dev-a",
+        &update.manifest,
+        &update.wrapped_key,
+    )
+    .unwrap();
     let link_prefix = format!(
         "https://127.0.0.1:{}/v1/download/",
         server.endpoints.device.port()
@@ -605,7 +612,8 @@ async fn push_pull_over_mqtt_and_mtls() {
         assert_eq!(response.status(), StatusCode::NOT_FOUND, "{garbage}");
         assert_eq!(error_code(response).await, "unknown-link");
     }
-    // No client certificate: the handshake itself fails.
+    // No client certificate: the handshake completes (for `POST /v1/enrol`)
+    // but the link is refused.
     let anonymous = reqwest::Client::builder()
         .tls_backend_preconfigured(
             rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -624,7 +632,12 @@ async fn push_pull_over_mqtt_and_mtls() {
         )
         .build()
         .unwrap();
-    assert!(anonymous.get(&update.link).send().await.is_err());
+    let anonymous_answer = anonymous.get(&update.link).send().await.unwrap();
+    assert_eq!(anonymous_answer.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        error_code(anonymous_answer).await,
+        "device-certificate-required"
+    );
 
     // Steps 5–8 reported over MQTT; downloading revokes the link.
     let deployment_id = deployment_1.deployment_id.clone();
@@ -736,6 +749,7 @@ async fn push_pull_over_mqtt_and_mtls() {
         agent_version: "0.1.0".into(),
         mode: Mode::Pull,
         capabilities: vec![],
+        encryption_key: None,
     })
     .unwrap();
     old_protocol["protocol"] = 99.into();

@@ -40,5 +40,6 @@ pub fn sign_text(text: &str, key: &SigningKey) -> SignedManifest {
         manifest: text.to_owned(),
         signer: key_id(&key.verifying_key()),
         signature: BASE64.encode(key.sign(text.as_bytes()).to_bytes()),
+        signer_certificate: None,
     }
 }

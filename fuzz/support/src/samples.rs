@@ -8,7 +8,6 @@
 use std::collections::BTreeMap;
 
 use otter_agent::self_update::{Marker, MarkerState};
-use otter_package::DataKey;
 use otter_package::format::{BuildOptions, build_package};
 use otter_package::sign::sign_manifest;
 use otter_proto::api::{BatchEnrollRequest, CreateDeployment, EnrollRequest, ErrorBody};
@@ -59,6 +58,41 @@ pub fn signed_manifest() -> SignedManifest {
     sign_manifest(&manifest(), &trusted_key())
 }
 
+/// The signer [`certified_manifest`] uses: certified by the trusted key as
+/// a root, not trusted directly.
+pub fn certified_signer() -> ed25519_dalek::SigningKey {
+    ed25519_dalek::SigningKey::from_bytes(&[3; 32])
+}
+
+/// [`manifest`] signed by [`certified_signer`], carrying its certificate
+/// from the trusted key (as a root), valid 2025-01-01 to 2035-01-01.
+pub fn certified_manifest() -> SignedManifest {
+    let signer = certified_signer();
+    let mut signed = sign_manifest(&manifest(), &signer);
+    signed.signer_certificate = otter_package::trust::certify(
+        &trusted_key(),
+        &signer.verifying_key(),
+        "ci-signer",
+        1_735_689_600,
+        2_051_222_400,
+    )
+    .ok()
+    .map(Box::new);
+    signed
+}
+
+/// A root-signed list revoking the untrusted key (sequence 1).
+pub fn revocation_list() -> otter_proto::trust::SignedRevocationList {
+    let revoked = otter_package::keys::key_id(&crate::untrusted_key().verifying_key());
+    match otter_package::trust::revoke(&trusted_key(), None, &revoked, "leaked", 1_764_000_000) {
+        Ok((signed, _)) => signed,
+        Err(error) => panic!("the sample list is valid: {error}"),
+    }
+}
+
+/// An HPKE-wrapped data key has this shape (`enc || ciphertext`, 80 bytes).
+const WRAPPED_KEY: &str = "AwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwMDAwM=";
+
 pub fn registration() -> Registration {
     Registration {
         protocol: otter_proto::PROTOCOL_VERSION,
@@ -71,6 +105,7 @@ pub fn registration() -> Registration {
         agent_version: "0.1.0".into(),
         mode: Mode::PushPull,
         capabilities: vec!["file".into(), "range".into()],
+        encryption_key: Some("CQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQkJCQk=".into()),
     }
 }
 
@@ -103,8 +138,9 @@ pub fn notification() -> UpdateNotification {
         manifest: signed_manifest(),
         link: "https://ota.example:8443/v1/artifacts/AAECAwQFBgcICQoLDA0ODw".into(),
         link_expires_at: 1_764_003_600,
-        data_key: DataKey::from_bytes([3; 32]).to_base64(),
+        wrapped_key: WRAPPED_KEY.into(),
         allow_downgrade: false,
+        signer_revocations: Some(Box::new(revocation_list())),
     }
 }
 
@@ -113,9 +149,10 @@ pub fn push_offer() -> PushOffer {
         deployment_id: DEPLOYMENT.into(),
         release: manifest().release_id(),
         manifest: signed_manifest(),
-        data_key: DataKey::from_bytes([3; 32]).to_base64(),
+        wrapped_key: WRAPPED_KEY.into(),
         chunk_size: 65536,
         allow_downgrade: true,
+        signer_revocations: None,
     }
 }
 

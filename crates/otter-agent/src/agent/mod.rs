@@ -16,7 +16,11 @@
 //! runs the handler; the loop records the version in `installed.json`, then
 //! the finished job, clears the landing zone, reports `installed`, and
 //! registers again so the server sees the new installed versions.
-//! Any failure finishes the job with `failed` and its reason.
+//! Any failure finishes the job with `failed` and its reason. The data key
+//! travels wrapped to this device's encryption key (`otter_package::wrap`,
+//! key file `encryption_key`, made at first start); it is unwrapped before
+//! anything is fetched, and a key that does not open (another device's or
+//! release's, or altered) refuses the update with nothing landed.
 //!
 //! After every (re)connection the loop publishes the registration and then
 //! the current job's latest report, so an outcome the server missed is heard.
@@ -43,14 +47,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use bytes::Bytes;
-use ed25519_dalek::VerifyingKey;
-use otter_package::DataKey;
+use otter_package::wrap::{DeviceKey, WrapContext, WrappedKey, unwrap_data_key};
+use otter_package::{DataKey, PackageError};
 use otter_proto::job::{Action, Decision, Delivery, Job, Stage, StepResult, decide};
 use otter_proto::manifest::{Manifest, PackageKind};
 use otter_proto::messages::{
     DeviceEvent, Mode, PushAck, Registration, ServerMessage, StatusReport, UpdateNotification,
 };
 use otter_proto::push::PushChunk;
+use otter_proto::topics::DeviceId;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -208,9 +213,15 @@ impl Handlers {
 
 /// The agent's state and the parts it drives. See the module documentation.
 pub struct Agent {
+    device_id: DeviceId,
+    /// Opens the data keys the server wraps to this device.
+    encryption_key: DeviceKey,
     hardware: String,
     mode: Mode,
-    trusted_signers: Vec<VerifyingKey>,
+    /// Pinned roots, direct signers and the newest revocation list
+    /// (`crate::signer_trust`).
+    trust: otter_package::trust::TrustStore,
+    state_dir: std::path::PathBuf,
     store: StateStore,
     landing_zone: LandingZone,
     downloader: Downloader,
@@ -270,12 +281,7 @@ impl Agent {
         tls: &DeviceTls,
         handlers: Handlers,
     ) -> anyhow::Result<Agent> {
-        let mut trusted_signers = Vec::new();
-        for path in &config.trusted_signers {
-            let key = otter_package::keys::read_verifying_key(path)
-                .with_context(|| format!("reading trusted signer key {}", path.display()))?;
-            trusted_signers.push(key);
-        }
+        let trust = crate::signer_trust::load(config)?;
         let downloader = Downloader::new(
             tls.https_config()
                 .context("building the HTTPS TLS configuration")?,
@@ -285,6 +291,8 @@ impl Agent {
                 max_backoff: config.download.max_backoff,
             },
         )?;
+        let encryption_key = DeviceKey::load_or_create(&config.encryption_key)
+            .context("loading the device encryption key")?;
         let store = StateStore::new(&config.state_dir);
         let (job, installed) = store
             .load_or_quarantine()
@@ -297,9 +305,12 @@ impl Agent {
             );
         }
         Ok(Agent {
+            device_id: config.device_id.clone(),
+            encryption_key,
             hardware: config.hardware.clone(),
             mode: config.mode,
-            trusted_signers,
+            trust,
+            state_dir: config.state_dir.clone(),
             store,
             landing_zone: LandingZone::new(&config.landing_zone),
             downloader,
@@ -351,7 +362,25 @@ impl Agent {
             agent_version: env!("CARGO_PKG_VERSION").to_owned(),
             mode: self.mode,
             capabilities,
+            encryption_key: Some(self.encryption_key.public_key().to_base64()),
         }
+    }
+
+    /// The data key of `notification`, unwrapped with this device's key and
+    /// bound to its id, the release and the signed manifest's artifact.
+    fn data_key(
+        &self,
+        notification: &UpdateNotification,
+        manifest: &Manifest,
+    ) -> Result<DataKey, PackageError> {
+        let wrapped = WrappedKey::from_base64(&notification.wrapped_key)?;
+        let release = manifest.release_id();
+        let context = WrapContext {
+            device_id: self.device_id.as_str(),
+            release: &release,
+            artifact_sha256: &manifest.artifact.sha256,
+        };
+        unwrap_data_key(&self.encryption_key, &wrapped, &context)
     }
 
     /// Handles session events and worker outcomes until `shutdown`
@@ -463,11 +492,14 @@ impl Agent {
                 detail: Some(reason),
             }));
         };
-        let manifest = match otter_package::sign::verify_manifest(
-            &notification.manifest,
-            &self.trusted_signers,
-        ) {
-            Ok(manifest) => manifest,
+        if let Some(list) = &notification.signer_revocations {
+            crate::signer_trust::accept(&mut self.trust, list, &self.state_dir);
+        }
+        let manifest = match self
+            .trust
+            .verify_manifest(&notification.manifest, unix_now())
+        {
+            Ok(verified) => verified.manifest,
             Err(error) => {
                 refuse(format!("signature check failed: {error}"));
                 return Ok(());
@@ -482,6 +514,12 @@ impl Agent {
             return Ok(());
         }
         if let Err(error) = self.landing_zone.files(&deployment_id) {
+            refuse(error.to_string());
+            return Ok(());
+        }
+        // Before any byte is fetched: a key wrapped for another device or
+        // release (or altered) ends it here, with nothing landed.
+        if let Err(error) = self.data_key(&notification, &manifest) {
             refuse(error.to_string());
             return Ok(());
         }
@@ -687,7 +725,9 @@ impl Agent {
     /// keys may have changed across a restart); the error is the reason to
     /// report.
     fn job_manifest(&self, job: &Job) -> Result<Manifest, String> {
-        otter_package::sign::verify_manifest(&job.notification.manifest, &self.trusted_signers)
+        self.trust
+            .verify_manifest(&job.notification.manifest, unix_now())
+            .map(|verified| verified.manifest)
             .map_err(|error| format!("signature check failed: {error}"))
     }
 

@@ -133,14 +133,14 @@ impl Agent {
     pub(super) fn spawn_unpack(&mut self, job: &Job, manifest: Manifest) {
         let deployment_id = job.notification.deployment_id.clone();
         let cancel = CancellationToken::new();
-        let data_key = job.notification.data_key.clone();
+        let data_key = self.data_key(&job.notification, &manifest);
         let landing_zone = self.landing_zone.clone();
         let task_cancel = cancel.clone();
         let task_deployment = deployment_id.clone();
         let handle = tokio::spawn(async move {
-            let data_key = match DataKey::from_base64(&data_key) {
+            let data_key = match data_key {
                 Ok(key) => key,
-                Err(error) => return WorkOutcome::Failed(format!("invalid data key: {error}")),
+                Err(error) => return WorkOutcome::Failed(error.to_string()),
             };
             let files = match landing_zone.prepare(&task_deployment).await {
                 Ok(files) => files,

@@ -19,6 +19,45 @@ use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
+/// `data_key` (base64) wrapped to the device whose encryption key file is
+/// `key_file` (created first if missing, as the agent does at start), for
+/// the release and artifact of `manifest`: what the server would send.
+pub fn wrap_key(
+    key_file: &Path,
+    device_id: &str,
+    manifest: &otter_proto::manifest::SignedManifest,
+    data_key: &str,
+) -> String {
+    let device = otter_package::wrap::DeviceKey::load_or_create(key_file).unwrap();
+    wrap_to(device.public_key(), device_id, manifest, data_key)
+}
+
+/// `data_key` wrapped to `public` for `device_id` and `manifest`. A
+/// manifest that does not parse (a test of a broken one) gets a context
+/// nothing matches.
+pub fn wrap_to(
+    public: &otter_package::wrap::EncryptionPublicKey,
+    device_id: &str,
+    manifest: &otter_proto::manifest::SignedManifest,
+    data_key: &str,
+) -> String {
+    let parsed = otter_proto::manifest::Manifest::from_json(&manifest.manifest).ok();
+    let release = parsed.as_ref().map(|m| m.release_id()).unwrap_or_default();
+    let sha = parsed
+        .as_ref()
+        .map(|m| m.artifact.sha256.clone())
+        .unwrap_or_default();
+    let context = otter_package::wrap::WrapContext {
+        device_id,
+        release: &release,
+        artifact_sha256: &sha,
+    };
+    let key = otter_package::DataKey::from_base64(data_key).unwrap();
+    otter_package::wrap::wrap_data_key(public, &key, &context)
+        .unwrap()
+        .to_base64()
+}
+
 pub fn install_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }

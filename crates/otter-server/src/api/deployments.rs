@@ -24,6 +24,21 @@ pub(super) async fn create(
         .map_err(|e| ApiError::unprocessable("invalid-release", e))?;
     let target =
         Target::parse(&request.target).map_err(|e| ApiError::unprocessable("invalid-target", e))?;
+    // A release whose signer was revoked (or whose certificate expired)
+    // since its upload is not sent anywhere: devices would refuse it anyway.
+    if let Some(release) = state.store.release(&request.release).await? {
+        let verdict = state
+            .signer_trust
+            .read()
+            .map_err(|_| ApiError::internal("reading the signer trust", &"lock poisoned"))?
+            .verify_manifest(&release.info.manifest, clock::now_unix());
+        if let Err(error) = verdict {
+            return Err(ApiError::unprocessable(
+                super::releases::signer_error_code(&error),
+                format!("release {} is no longer trusted: {error}", request.release),
+            ));
+        }
+    }
     let deployment_id = new_deployment_id();
     let actor = Actor::operator(&operator.name);
     let outcome = state

@@ -19,10 +19,13 @@ use axum::extract::{Json, Path, Query, State};
 use axum::http::StatusCode;
 use otter_proto::api::{
     BatchEnrollRequest, BatchEnrollResponse, DeviceInfo, EnrollRequest, EnrollResponse,
-    MAX_BATCH_ENROLL, RevokeDeviceRequest,
+    ImportDevicesRequest, ImportDevicesResponse, ImportedDevice, MAX_BATCH_ENROLL,
+    RevokeDeviceRequest,
 };
 use otter_proto::manifest::validate_name;
 use otter_proto::topics::DeviceId;
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 
 use super::{ApiState, Authenticated, json_body, query_params};
@@ -36,7 +39,7 @@ use crate::store::{BatchEnrollOutcome, DeviceRevoked, EnrollOutcome, NewDevice};
 const MAX_TAGS: usize = 64;
 
 /// Checks what one enrolment request may contain.
-fn validate_request(request: &EnrollRequest) -> Result<(), ApiError> {
+pub(super) fn validate_request(request: &EnrollRequest) -> Result<(), ApiError> {
     let device = &request.device_id;
     validate_name(&request.hardware).map_err(|e| {
         ApiError::unprocessable("invalid-request", format!("{device}: hardware: {e}"))
@@ -82,6 +85,7 @@ fn enroll_response(
         private_key_pem: issued.private_key_pem,
         ca_pem: state.pki.ca_pem().to_owned(),
         trusted_signers: state.trusted_signer_pems.as_ref().clone(),
+        trusted_roots: state.trusted_root_pems.as_ref().clone(),
         mqtt_url: state.urls.mqtt_url.clone(),
         device_url: state.urls.device_url.clone(),
     }
@@ -176,6 +180,94 @@ pub(super) async fn enroll_batch(
         .map(|(request, issued)| enroll_response(&state, request.device_id, issued))
         .collect();
     Ok((StatusCode::CREATED, Json(BatchEnrollResponse { devices })))
+}
+
+/// `POST /api/v1/devices/import`: the factory path. Each certificate must
+/// verify against a trusted device CA (ours or a `--device-ca`) exactly as
+/// the TLS layer will check it; its common name is the device id and its
+/// serial is recorded (for revocation). All devices are stored in one
+/// transaction with their `device.enrolled` rows, or none.
+pub(super) async fn import(
+    State(state): State<ApiState>,
+    Authenticated(operator): Authenticated,
+    body: Result<Json<ImportDevicesRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<ImportDevicesResponse>), ApiError> {
+    let devices = json_body(body)?.devices;
+    if devices.is_empty() || devices.len() > MAX_BATCH_ENROLL {
+        return Err(ApiError::unprocessable(
+            "invalid-request",
+            format!(
+                "an import holds 1 to {MAX_BATCH_ENROLL} devices, not {}",
+                devices.len()
+            ),
+        ));
+    }
+    let mut new_devices = Vec::with_capacity(devices.len());
+    let mut seen = std::collections::HashSet::with_capacity(devices.len());
+    for (index, device) in devices.into_iter().enumerate() {
+        let der =
+            CertificateDer::from_pem_slice(device.certificate_pem.as_bytes()).map_err(|e| {
+                ApiError::unprocessable(
+                    "invalid-certificate",
+                    format!("device {}: not a PEM certificate: {e}", index + 1),
+                )
+            })?;
+        let identity = state.pki.verify_device_certificate(&der).map_err(|e| {
+            ApiError::unprocessable("invalid-certificate", format!("device {}: {e}", index + 1))
+        })?;
+        let request = EnrollRequest {
+            device_id: identity.device_id,
+            tags: device.tags,
+            hardware: device.hardware,
+        };
+        validate_request(&request)?;
+        if !seen.insert(request.device_id.clone()) {
+            return Err(ApiError::unprocessable(
+                "invalid-request",
+                format!("device {} is listed twice", request.device_id),
+            ));
+        }
+        if state.revocations.is_revoked(&identity.serial_hex) {
+            return Err(ApiError::conflict(
+                "device-revoked",
+                format!(
+                    "the certificate of {} (serial {}) is revoked",
+                    request.device_id, identity.serial_hex
+                ),
+            ));
+        }
+        new_devices.push(NewDevice {
+            device_id: request.device_id,
+            hardware: request.hardware,
+            tags: request.tags,
+            cert_serial: identity.serial_hex,
+        });
+    }
+    let actor = Actor::operator(&operator.name);
+    match state
+        .store
+        .enroll_devices(&new_devices, &actor, &clock::now_rfc3339())
+        .await?
+    {
+        BatchEnrollOutcome::Enrolled => {}
+        BatchEnrollOutcome::AlreadyExists(device_id) => return Err(device_exists(&device_id)),
+    }
+    tracing::info!(devices = new_devices.len(), operator = %operator.name, "devices imported");
+    Ok((
+        StatusCode::CREATED,
+        Json(ImportDevicesResponse {
+            devices: new_devices
+                .into_iter()
+                .map(|device| ImportedDevice {
+                    device_id: device.device_id,
+                    cert_serial: device.cert_serial,
+                })
+                .collect(),
+            ca_pem: state.pki.ca_pem().to_owned(),
+            mqtt_url: state.urls.mqtt_url.clone(),
+            device_url: state.urls.device_url.clone(),
+        }),
+    ))
 }
 
 /// Issues one certificate per request, in request order, on the blocking

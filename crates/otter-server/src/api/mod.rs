@@ -16,14 +16,18 @@
 //!
 //! Layout: this file holds the shared [`ApiState`], the route table, the
 //! guard and the mapping of extractor rejections to JSON errors; `devices`,
-//! `releases`, `deployments`, `audit` and `tokens` hold the handlers of
-//! each resource. Only this module knows the JSON shapes of the API (they
+//! `releases`, `deployments`, `audit`, `tokens` and `enrolment` (one-time
+//! enrolment tokens, and the device endpoint's `POST /v1/enrol`) hold the
+//! handlers of each resource (`signers`: the signer revocation list). Only
+//! this module knows the JSON shapes of the API (they
 //! are `otter_proto::api` types).
 
 mod audit;
 mod deployments;
 mod devices;
+pub mod enrolment;
 mod releases;
+mod signers;
 pub mod tokens;
 
 use std::path::PathBuf;
@@ -58,15 +62,26 @@ pub struct PublicUrls {
     pub device_url: String,
 }
 
+/// The signer trust store, shared; replaced revocation lists are applied
+/// in place once stored.
+pub type SignerTrust = Arc<std::sync::RwLock<otter_package::trust::TrustStore>>;
+
 /// What every handler shares; cheap to clone.
 #[derive(Clone)]
 pub struct ApiState {
+    /// Seals each uploaded release's data key before it is stored.
+    pub vault: crate::vault::KeyVault,
     pub store: Store,
     pub blobs: BlobStore,
     pub pki: Arc<Pki>,
     pub trusted_signers: Arc<Vec<VerifyingKey>>,
     /// PEM of each trusted signer, handed to devices at enrolment.
     pub trusted_signer_pems: Arc<Vec<String>>,
+    /// PEM of each trusted offline root, handed to devices at enrolment.
+    pub trusted_root_pems: Arc<Vec<String>>,
+    /// Roots, direct signers and the revocation list in force: what uploads
+    /// and new deployments are checked against.
+    pub signer_trust: SignerTrust,
     pub urls: PublicUrls,
     /// Folder for uploads in progress (same file system as the blobs).
     pub tmp_dir: PathBuf,
@@ -92,6 +107,7 @@ pub enum Access {
 pub enum RouteMethod {
     Get,
     Post,
+    Put,
     Delete,
 }
 
@@ -100,6 +116,7 @@ impl RouteMethod {
         match self {
             RouteMethod::Get => Method::GET,
             RouteMethod::Post => Method::POST,
+            RouteMethod::Put => Method::PUT,
             RouteMethod::Delete => Method::DELETE,
         }
     }
@@ -108,6 +125,7 @@ impl RouteMethod {
         match self {
             RouteMethod::Get => MethodFilter::GET,
             RouteMethod::Post => MethodFilter::POST,
+            RouteMethod::Put => MethodFilter::PUT,
             RouteMethod::Delete => MethodFilter::DELETE,
         }
     }
@@ -148,7 +166,7 @@ where
 /// deployments; an admin also manages tokens. A new route is a new row
 /// here, or it is not served.
 fn routes() -> Vec<ApiRoute> {
-    use RouteMethod::{Delete, Get, Post};
+    use RouteMethod::{Delete, Get, Post, Put};
     const PUBLIC: Access = Access::Public;
     const VIEWER: Access = Access::Role(Role::Viewer);
     const OPERATOR: Access = Access::Role(Role::Operator);
@@ -165,12 +183,26 @@ fn routes() -> Vec<ApiRoute> {
             OPERATOR,
             devices::enroll_batch,
         ),
+        route(Post, "/api/v1/devices/import", OPERATOR, devices::import),
         route(Get, "/api/v1/devices/{id}", VIEWER, devices::show),
         route(
             Post,
             "/api/v1/devices/{id}/revoke",
             OPERATOR,
             devices::revoke,
+        ),
+        route(Get, "/api/v1/enrolment-tokens", VIEWER, enrolment::list),
+        route(
+            Post,
+            "/api/v1/enrolment-tokens",
+            OPERATOR,
+            enrolment::create,
+        ),
+        route(
+            Delete,
+            "/api/v1/enrolment-tokens/{id}",
+            OPERATOR,
+            enrolment::revoke,
         ),
         route(Get, "/api/v1/releases", VIEWER, releases::list),
         route(Post, "/api/v1/releases", OPERATOR, releases::upload),
@@ -183,6 +215,18 @@ fn routes() -> Vec<ApiRoute> {
         route(Get, "/api/v1/tokens", ADMIN, tokens::list),
         route(Post, "/api/v1/tokens", ADMIN, tokens::create),
         route(Delete, "/api/v1/tokens/{name}", ADMIN, tokens::revoke),
+        route(
+            Get,
+            "/api/v1/signer-revocations",
+            VIEWER,
+            signers::show_revocations,
+        ),
+        route(
+            Put,
+            "/api/v1/signer-revocations",
+            ADMIN,
+            signers::publish_revocations,
+        ),
     ]
 }
 

@@ -2,7 +2,8 @@
 //! stored; and the release listing.
 //!
 //! The upload streams to a temporary file with a size cap, is opened with
-//! `otter_package::format::open_package` against the trusted signers, and
+//! `otter_package::format::open_package_trusted` against the signer trust
+//! store (direct signers, certified signers of pinned roots, revocations), and
 //! only then has its artifact moved into the blob store and its manifest and
 //! data key written to the database. Temporary files are removed on every
 //! path (also when the client goes away mid-upload), so a refused upload
@@ -17,7 +18,7 @@ use axum::extract::{Json, Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use futures_util::StreamExt;
 use otter_package::PackageError;
-use otter_package::format::{OpenedPackage, open_package};
+use otter_package::format::{OpenedPackage, open_package_trusted};
 use otter_proto::api::ReleaseInfo;
 use tokio::io::AsyncWriteExt;
 
@@ -78,12 +79,18 @@ pub(super) async fn upload(
     let upload = TempFile::new(&state.tmp_dir, "upload");
     receive(body, &upload.path, max).await?;
 
-    let trusted = state.trusted_signers.clone();
+    let trust = state
+        .signer_trust
+        .read()
+        .map_err(|_| ApiError::internal("reading the signer trust", &"lock poisoned"))?
+        .clone();
     let upload_path = upload.path.clone();
-    let opened = tokio::task::spawn_blocking(move || open_package(&upload_path, &trusted))
-        .await
-        .map_err(|e| ApiError::internal("verifying a package", &e))?
-        .map_err(package_error)?;
+    let now = clock::now_unix();
+    let opened =
+        tokio::task::spawn_blocking(move || open_package_trusted(&upload_path, &trust, now))
+            .await
+            .map_err(|e| ApiError::internal("verifying a package", &e))?
+            .map_err(package_error)?;
     let manifest = &opened.manifest;
     let release_id = manifest.release_id();
     let exists = || {
@@ -123,7 +130,7 @@ pub(super) async fn upload(
     let new_release = NewRelease {
         info: info.clone(),
         artifact_sha256: manifest.artifact.sha256.clone(),
-        data_key: opened.header.data_key.to_base64(),
+        data_key: state.vault.seal(&info.id, &opened.header.data_key),
         blob_key: blob_key.as_str().to_owned(),
     };
     let outcome = state
@@ -220,7 +227,21 @@ fn package_error(error: PackageError) -> ApiError {
         {
             ApiError::internal("reading an uploaded package", &io)
         }
-        refused => ApiError::unprocessable("invalid-package", refused.to_string()),
+        refused => ApiError::unprocessable(signer_error_code(&refused), refused.to_string()),
+    }
+}
+
+/// The error code of a refused signer certificate or revoked signer;
+/// `invalid-package` for the rest (an unknown signer or a bad signature
+/// included, as before certificates existed).
+pub(super) fn signer_error_code(error: &PackageError) -> &'static str {
+    match error {
+        PackageError::RevokedSigner { .. } => "revoked-signer",
+        PackageError::UntrustedRoot => "untrusted-root",
+        PackageError::BadCertificate(_) => "bad-signer-certificate",
+        PackageError::CertificateExpired { .. } => "signer-certificate-expired",
+        PackageError::CertificateNotYetValid { .. } => "signer-certificate-not-yet-valid",
+        _ => "invalid-package",
     }
 }
 

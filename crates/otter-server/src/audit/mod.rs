@@ -111,6 +111,9 @@ pub(crate) fn parse_actor_kind(kind: &str) -> Option<ActorKind> {
 pub enum AuditEvent {
     DeviceEnrolled,
     DeviceRegistered,
+    /// A device's registration set or changed its encryption key, with the
+    /// old and new key fingerprints.
+    DeviceEncryptionKeySet,
     ReleaseUploaded,
     DeploymentCreated,
     /// One per device a deployment targets (step 3).
@@ -140,6 +143,13 @@ pub enum AuditEvent {
     TokenRevoked,
     /// A device certificate was revoked, with its serial and the reason.
     DeviceRevoked,
+    /// A one-time enrolment token was created, with its id and device.
+    EnrolmentTokenCreated,
+    /// An unused enrolment token was revoked, with its id and device.
+    EnrolmentTokenRevoked,
+    /// A signer revocation list was published, with its sequence and the
+    /// revoked key ids.
+    SignerRevocationsPublished,
 }
 
 impl AuditEvent {
@@ -147,6 +157,7 @@ impl AuditEvent {
         match self {
             AuditEvent::DeviceEnrolled => "device.enrolled",
             AuditEvent::DeviceRegistered => "device.registered",
+            AuditEvent::DeviceEncryptionKeySet => "device.encryption-key-set",
             AuditEvent::ReleaseUploaded => "release.uploaded",
             AuditEvent::DeploymentCreated => "deployment.created",
             AuditEvent::DeploymentTargeted => "deployment.targeted",
@@ -168,6 +179,9 @@ impl AuditEvent {
             AuditEvent::TokenCreated => "token.created",
             AuditEvent::TokenRevoked => "token.revoked",
             AuditEvent::DeviceRevoked => "device.revoked",
+            AuditEvent::EnrolmentTokenCreated => "enrolment-token.created",
+            AuditEvent::EnrolmentTokenRevoked => "enrolment-token.revoked",
+            AuditEvent::SignerRevocationsPublished => "signer-revocations.published",
         }
     }
 }

@@ -66,6 +66,9 @@ pub struct DeliveryTarget {
     pub phase: Phase,
     /// The mode the device last registered; `None` if it never did.
     pub mode: Option<Mode>,
+    /// The device's encryption key (base64) as registered; `None` if it
+    /// never sent one.
+    pub encryption_key: Option<String>,
 }
 
 /// One device report for [`Store::apply_reports`].
@@ -345,7 +348,7 @@ impl Store {
             return Ok(Vec::new());
         }
         let sql = format!(
-            "SELECT t.device_id, t.phase, d.mode FROM deployment_targets t \
+            "SELECT t.device_id, t.phase, d.mode, d.encryption_key FROM deployment_targets t \
              JOIN devices d ON d.id = t.device_id \
              WHERE t.deployment_id = $1 AND t.device_id IN ({})",
             super::placeholders(2, device_ids.len())
@@ -367,6 +370,7 @@ impl Store {
                     .map(|m| m.parse::<Mode>())
                     .transpose()
                     .map_err(|e| StoreError::corrupt("devices.mode", e))?,
+                encryption_key: row.try_get("encryption_key")?,
             });
         }
         Ok(targets)

@@ -161,7 +161,10 @@ impl Store {
     /// Records a registration (step 1) that arrived `via` a channel, in one
     /// transaction with its `device.registered` audit row (details carry
     /// `via`). The first channel a device registers on is kept in
-    /// `registered_via`.
+    /// `registered_via`. A registration's encryption key (checked by the
+    /// caller) replaces the one on record, audited
+    /// `device.encryption-key-set` with both fingerprints when it changes;
+    /// a registration without one keeps it.
     ///
     /// Every MQTT registration is written and audited: it opens a session,
     /// which happens rarely. A poll carries the registration every few
@@ -184,8 +187,8 @@ impl Store {
             // Read without the write lock first: the common case is an idle
             // poll that changes nothing.
             let row = sqlx::query(
-                "SELECT hardware, mode, agent_version, installed, capabilities, registered_at, last_seen \
-                 FROM devices WHERE id = $1",
+                "SELECT hardware, mode, agent_version, installed, capabilities, registered_at, last_seen, \
+                 encryption_key FROM devices WHERE id = $1",
             )
             .bind(device_id.as_str())
             .fetch_optional(&self.pool)
@@ -202,7 +205,10 @@ impl Store {
                     .as_deref()
                     == Some(registration.agent_version.as_str())
                 && row.try_get::<String, _>("installed")? == installed
-                && row.try_get::<String, _>("capabilities")? == capabilities;
+                && row.try_get::<String, _>("capabilities")? == capabilities
+                && (registration.encryption_key.is_none()
+                    || row.try_get::<Option<String>, _>("encryption_key")?
+                        == registration.encryption_key);
             if unchanged {
                 let last_seen: Option<String> = row.try_get("last_seen")?;
                 if last_seen.is_none_or(|seen| seen.as_str() < refresh_last_seen_before) {
@@ -212,10 +218,18 @@ impl Store {
             }
         }
         let mut transaction = self.begin_write().await?;
+        // The key on record, to audit a change; a registration without a
+        // key (an older agent) leaves it as it is.
+        let old_key: Option<Option<String>> =
+            sqlx::query_scalar("SELECT encryption_key FROM devices WHERE id = $1")
+                .bind(device_id.as_str())
+                .fetch_optional(&mut *transaction)
+                .await?;
         let updated = sqlx::query(
             "UPDATE devices SET hardware = $1, mode = $2, agent_version = $3, installed = $4, \
              capabilities = $5, registered_at = $6, last_seen = $6, \
-             registered_via = COALESCE(registered_via, $7) WHERE id = $8",
+             registered_via = COALESCE(registered_via, $7), \
+             encryption_key = COALESCE($9, encryption_key) WHERE id = $8",
         )
         .bind(registration.hardware.as_str())
         .bind(registration.mode.as_str())
@@ -225,12 +239,29 @@ impl Store {
         .bind(at)
         .bind(via.as_str())
         .bind(device_id.as_str())
+        .bind(registration.encryption_key.as_deref())
         .execute(&mut *transaction)
         .await?;
         if updated.rows_affected() == 0 {
             return Ok(RegistrationOutcome::UnknownDevice);
         }
         let actor = Actor::device(device_id);
+        let old_key = old_key.flatten();
+        if let Some(new_key) = &registration.encryption_key
+            && old_key.as_ref() != Some(new_key)
+        {
+            // A device whose state was wiped legitimately makes a new key;
+            // the change is on record either way.
+            let fingerprint = otter_package::wrap::fingerprint_of;
+            let record = AuditRecord::new(&actor, AuditEvent::DeviceEncryptionKeySet)
+                .device(device_id.as_str())
+                .details(serde_json::json!({
+                    "old_fingerprint": old_key.as_deref().map(fingerprint),
+                    "new_fingerprint": fingerprint(new_key),
+                    "via": via.as_str(),
+                }));
+            audit::append(&mut transaction, at, &record).await?;
+        }
         let record = AuditRecord::new(&actor, AuditEvent::DeviceRegistered)
             .device(device_id.as_str())
             .details(serde_json::json!({
@@ -378,7 +409,7 @@ impl Store {
 
 /// Inserts one device, its tags and its audit row in `transaction`; leaves
 /// committing to the caller.
-async fn insert_device(
+pub(super) async fn insert_device(
     transaction: &mut super::WriteTransaction,
     device: &NewDevice,
     actor: &Actor,

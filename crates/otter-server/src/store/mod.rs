@@ -20,13 +20,16 @@
 //! Layout: this file opens the pool, runs migrations and holds the audit
 //! query; `devices`, `releases`, `deployments`, `links` and `tokens`
 //! (operator tokens) hold the methods of each table group, `push` the
-//! progress of push-mode transfers.
+//! progress of push-mode transfers, `enrolment` the one-time enrolment
+//! tokens of CSR enrolment.
 
 mod deployments;
 mod devices;
+mod enrolment;
 mod links;
 mod push;
 mod releases;
+mod signers;
 mod tokens;
 
 use std::path::Path;
@@ -47,9 +50,11 @@ pub use deployments::{
 pub use devices::{
     BatchEnrollOutcome, DeviceRevoked, EnrollOutcome, NewDevice, RegistrationOutcome,
 };
+pub use enrolment::{CsrEnrolOutcome, EnrolmentRefusal, EnrolmentTokenRevoked, NewEnrolmentToken};
 pub use links::{DownloadRelease, NewLink};
 pub use push::PushProgress;
 pub use releases::{DeploymentRelease, NewRelease, ReleaseInsertOutcome, StoredRelease};
+pub use signers::RevocationsPublished;
 pub use tokens::{NewToken, Operator, TokenCreated, TokenRevoked};
 
 /// Why a store operation failed. Expected outcomes (a duplicate, an unknown

@@ -37,7 +37,7 @@ pub enum ReleaseInsertOutcome {
 
 const RELEASE_COLUMNS: &str = "id, name, version, kind, hardware, manifest_json, manifest_signer, \
     manifest_signature, data_key, payload_size, payload_sha256, artifact_size, artifact_sha256, \
-    blob_key, uploaded_at, uploaded_by";
+    blob_key, uploaded_at, uploaded_by, manifest_signer_certificate";
 
 impl Store {
     /// Whether a release id is taken.
@@ -67,10 +67,17 @@ impl Store {
         let info = &release.info;
         let hardware = serde_json::to_string(&info.hardware)
             .map_err(|e| StoreError::corrupt("releases.hardware", e))?;
+        let certificate_json = info
+            .manifest
+            .signer_certificate
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(|e| StoreError::corrupt("releases.manifest_signer_certificate", e))?;
         let mut transaction = self.begin_write().await?;
         let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO releases ({RELEASE_COLUMNS}) VALUES \
-             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)"
+             ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)"
         )))
         .bind(info.id.as_str())
         .bind(info.name.as_str())
@@ -88,6 +95,7 @@ impl Store {
         .bind(release.blob_key.as_str())
         .bind(info.uploaded_at.as_str())
         .bind(info.uploaded_by.as_str())
+        .bind(certificate_json)
         .execute(&mut *transaction)
         .await;
         match inserted {
@@ -165,6 +173,11 @@ fn release_from_row(row: &AnyRow) -> Result<StoredRelease, StoreError> {
             manifest: row.try_get("manifest_json")?,
             signer: row.try_get("manifest_signer")?,
             signature: row.try_get("manifest_signature")?,
+            signer_certificate: row
+                .try_get::<Option<String>, _>("manifest_signer_certificate")?
+                .map(|json| serde_json::from_str(&json).map(Box::new))
+                .transpose()
+                .map_err(|e| StoreError::corrupt("releases.manifest_signer_certificate", e))?,
         },
         uploaded_at: row.try_get("uploaded_at")?,
         uploaded_by: row.try_get("uploaded_by")?,
@@ -206,5 +219,33 @@ impl Store {
                 release,
                 allow_downgrade,
             }))
+    }
+}
+
+impl Store {
+    /// Seals every data key still stored in clear (rows written before
+    /// `data-key.secret` existed) under `vault`, in one transaction; returns
+    /// how many were sealed. Run at start, before anything reads a key.
+    pub async fn seal_plaintext_data_keys(
+        &self,
+        vault: &crate::vault::KeyVault,
+    ) -> Result<usize, StoreError> {
+        let mut transaction = self.begin_write().await?;
+        let rows = sqlx::query("SELECT id, data_key FROM releases WHERE data_key NOT LIKE 'v1:%'")
+            .fetch_all(&mut *transaction)
+            .await?;
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            let stored: String = row.try_get("data_key")?;
+            let key = otter_package::DataKey::from_base64(&stored)
+                .map_err(|e| StoreError::corrupt("releases.data_key", e))?;
+            sqlx::query("UPDATE releases SET data_key = $1 WHERE id = $2")
+                .bind(vault.seal(&id, &key))
+                .bind(id.as_str())
+                .execute(&mut *transaction)
+                .await?;
+        }
+        transaction.commit().await?;
+        Ok(rows.len())
     }
 }

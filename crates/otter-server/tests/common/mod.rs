@@ -30,6 +30,35 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+/// The encryption key test devices register with (one for all: the wrap
+/// context still binds each device's id).
+pub static DEVICE_KEY: std::sync::LazyLock<otter_package::wrap::DeviceKey> =
+    std::sync::LazyLock::new(otter_package::wrap::DeviceKey::generate);
+
+/// [`DEVICE_KEY`]'s public half, as a registration carries it.
+pub fn encryption_key() -> Option<String> {
+    Some(DEVICE_KEY.public_key().to_base64())
+}
+
+/// Opens a data key the server wrapped to `device_id` for `manifest` with
+/// `key` (what that device's agent does).
+pub fn unwrap_key(
+    key: &otter_package::wrap::DeviceKey,
+    device_id: &str,
+    manifest: &otter_proto::manifest::SignedManifest,
+    wrapped_key: &str,
+) -> Result<otter_package::DataKey, otter_package::PackageError> {
+    let manifest = otter_proto::manifest::Manifest::from_json(&manifest.manifest)?;
+    let wrapped = otter_package::wrap::WrappedKey::from_base64(wrapped_key)?;
+    let release = manifest.release_id();
+    let context = otter_package::wrap::WrapContext {
+        device_id,
+        release: &release,
+        artifact_sha256: &manifest.artifact.sha256,
+    };
+    otter_package::wrap::unwrap_data_key(key, &wrapped, &context)
+}
+
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 /// The hardware every test device and package declares.
 pub const HARDWARE: &str = "revB";
@@ -73,6 +102,17 @@ pub fn signer(dir: &Path) -> SigningKey {
     otter_package::keys::read_signing_key(&signer_path(dir)).unwrap()
 }
 
+/// Where a server's test folder keeps the offline root key it trusts
+/// (`--trusted-root`).
+pub fn root_path(dir: &Path) -> PathBuf {
+    dir.join("keys").join("root.key")
+}
+
+/// The offline root key the server in `dir` trusts.
+pub fn root_key(dir: &Path) -> SigningKey {
+    otter_package::keys::read_signing_key(&root_path(dir)).unwrap()
+}
+
 impl Server {
     /// A server on the default (ephemeral) configuration in a fresh folder.
     pub async fn start() -> Server {
@@ -92,10 +132,15 @@ impl Server {
             std::fs::create_dir_all(key_path.parent().unwrap()).unwrap();
             otter_package::keys::generate_key_pair(&key_path).unwrap();
         }
+        let root_path = root_path(dir.path());
+        if !root_path.exists() {
+            otter_package::keys::generate_key_pair(&root_path).unwrap();
+        }
         let data_dir = dir.path().join("data");
         let _ = std::fs::remove_file(data_dir.join("endpoints.json"));
         let mut config = ServerConfig::ephemeral(&data_dir);
         config.trusted_signers = vec![otter_package::keys::public_key_path(&key_path)];
+        config.trusted_roots = vec![otter_package::keys::public_key_path(&root_path)];
         configure(&mut config);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(otter_server::run(config, async move {
@@ -340,4 +385,43 @@ pub fn device_https_client(enrolled: &EnrollResponse) -> reqwest::Client {
         .tls_backend_preconfigured(client_tls(enrolled))
         .build()
         .unwrap()
+}
+
+/// A CA of the operator's own (not the server's), and what it issued.
+pub struct FactoryCa {
+    /// The CA certificate, PEM.
+    pub pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl FactoryCa {
+    pub fn new(name: &str) -> FactoryCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let pem = params.self_signed(&key).unwrap().pem();
+        FactoryCa {
+            pem,
+            issuer: rcgen::Issuer::new(params, key),
+        }
+    }
+
+    /// A client certificate with CN = `device_id`: (certificate, key) PEM.
+    pub fn issue(&self, device_id: &str) -> (String, String) {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, device_id);
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certificate = params.signed_by(&key, &self.issuer).unwrap();
+        (certificate.pem(), key.serialize_pem())
+    }
 }

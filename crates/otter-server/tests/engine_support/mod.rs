@@ -40,6 +40,36 @@ impl MessageBus for RecordingBus {
     }
 }
 
+/// The encryption key every device of these tests registers (one key is
+/// enough: the wrap context still binds each device's id).
+pub static DEVICE_KEY: std::sync::LazyLock<otter_package::wrap::DeviceKey> =
+    std::sync::LazyLock::new(otter_package::wrap::DeviceKey::generate);
+
+/// The vault of these tests' notifiers (what `data-key.secret` holds).
+pub fn test_vault() -> otter_server::vault::KeyVault {
+    otter_server::vault::KeyVault::from_secret([9; 32])
+}
+
+/// The data key of [`stub_release`].
+pub fn stub_data_key() -> otter_package::DataKey {
+    otter_package::DataKey::from_bytes([5; 32])
+}
+
+/// Opens the wrapped key of a notification to `device_id` of
+/// [`stub_release`] with [`DEVICE_KEY`].
+pub fn unwrap_stub_key(
+    device_id: &str,
+    wrapped_key: &str,
+) -> Result<otter_package::DataKey, otter_package::PackageError> {
+    let wrapped = otter_package::wrap::WrappedKey::from_base64(wrapped_key)?;
+    let context = otter_package::wrap::WrapContext {
+        device_id,
+        release: "app@1.0.0",
+        artifact_sha256: &"11".repeat(32),
+    };
+    otter_package::wrap::unwrap_data_key(&DEVICE_KEY, &wrapped, &context)
+}
+
 /// A `board-a` device's registration in `mode`, nothing installed.
 pub fn registration(mode: Mode) -> Registration {
     Registration {
@@ -49,6 +79,7 @@ pub fn registration(mode: Mode) -> Registration {
         agent_version: "0.1.0".to_owned(),
         mode,
         capabilities: vec!["file".to_owned()],
+        encryption_key: Some(DEVICE_KEY.public_key().to_base64()),
     }
 }
 
@@ -69,12 +100,13 @@ pub fn stub_release(at: &str) -> NewRelease {
                 manifest: "{\"name\":\"app\"}".to_owned(),
                 signer: "signer".to_owned(),
                 signature: "signature".to_owned(),
+                signer_certificate: None,
             },
             uploaded_at: at.to_owned(),
             uploaded_by: "admin".to_owned(),
         },
         artifact_sha256: "11".repeat(32),
-        data_key: "data-key".to_owned(),
+        data_key: test_vault().seal("app@1.0.0", &stub_data_key()),
         blob_key: "22".repeat(32),
     }
 }

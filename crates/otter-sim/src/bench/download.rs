@@ -85,6 +85,12 @@ pub async fn otter_download(
         agent_version: env!("CARGO_PKG_VERSION").to_owned(),
         mode: Mode::Pull,
         capabilities: vec!["range-resume".to_owned()],
+        // The server sends a release only to a device with a key.
+        encryption_key: Some(
+            otter_package::wrap::DeviceKey::generate()
+                .public_key()
+                .to_base64(),
+        ),
     };
     poll.poll(&registration, None).await?;
     client

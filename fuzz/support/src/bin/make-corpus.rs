@@ -125,6 +125,13 @@ fn run() -> io::Result<()> {
     );
     corpus.add("api", "error-body", json(&samples::error_body()));
 
+    corpus.add("trust", "certified", json(&samples::certified_manifest()));
+    corpus.add("trust", "revocations", json(&samples::revocation_list()));
+    if let Some(certificate) = samples::certified_manifest().signer_certificate {
+        corpus.add("trust", "certificate-document", certificate.certificate);
+    }
+    corpus.add("trust", "list-document", samples::revocation_list().list);
+
     corpus.add("manifest", "manifest", json(&samples::manifest()));
     corpus.add("manifest", "signed", json(&samples::signed_manifest()));
     corpus.add(
