@@ -7,80 +7,22 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::future::BoxFuture;
 use otter_agent::install::FileInstaller;
-use otter_agent::mqtt::{MqttError, MqttEvent, Uplink};
+use otter_agent::mqtt::MqttEvent;
 use otter_agent::safe_state::{SafeStateError, SafeStateProbe};
 use otter_agent::{Agent, AgentConfig, Handlers};
 use otter_proto::job::{Job, Stage};
 use otter_proto::manifest::{PackageKind, SignedManifest};
-use otter_proto::messages::{
-    DeviceEvent, Registration, ServerMessage, StatusReport, UpdateNotification,
-};
-use support::{Answer, Counting, Pki, TestServer, pseudo_random_bytes, wait_until};
+use otter_proto::messages::{DeviceEvent, ServerMessage, UpdateNotification};
+use support::{Answer, Counting, Pki, Recorder, TestServer, pseudo_random_bytes, wait_until};
 use tokio::sync::{mpsc, oneshot};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Records what the agent publishes.
-#[derive(Default)]
-struct Recorder {
-    registrations: Mutex<Vec<Registration>>,
-    reports: Mutex<Vec<StatusReport>>,
-}
-
-impl Uplink for Recorder {
-    fn register(&self, registration: &Registration) -> Result<(), MqttError> {
-        self.registrations
-            .lock()
-            .unwrap()
-            .push(registration.clone());
-        Ok(())
-    }
-    fn report(&self, report: &StatusReport) -> Result<(), MqttError> {
-        self.reports.lock().unwrap().push(report.clone());
-        Ok(())
-    }
-}
-
-impl Recorder {
-    fn events(&self, deployment: &str) -> Vec<DeviceEvent> {
-        self.reports
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.deployment_id == deployment)
-            .map(|r| r.event)
-            .collect()
-    }
-    fn last(&self, deployment: &str) -> Option<StatusReport> {
-        self.reports
-            .lock()
-            .unwrap()
-            .iter()
-            .rev()
-            .find(|r| r.deployment_id == deployment)
-            .cloned()
-    }
-    fn has(&self, deployment: &str, event: DeviceEvent) -> bool {
-        self.events(deployment).contains(&event)
-    }
-    /// Waits until `event` was reported for `deployment`.
-    async fn wait_event(&self, deployment: &str, event: DeviceEvent) {
-        wait_until(&format!("{deployment}: {event:?}"), WAIT, || {
-            self.has(deployment, event)
-        })
-        .await
-    }
-    /// The detail of the last report for `deployment` (it must have one).
-    fn last_detail(&self, deployment: &str) -> String {
-        self.last(deployment).unwrap().detail.unwrap()
-    }
-}
 
 /// A probe the test opens and closes.
 struct Gate(AtomicBool);
@@ -322,12 +264,9 @@ async fn full_cycle_installs_reports_in_order_and_repeats_on_reconnect() {
     let running = fixture.run_agent(handlers, &uplink);
 
     running.send(MqttEvent::Connected).await;
-    wait_until("registration", WAIT, || {
-        !uplink.registrations.lock().unwrap().is_empty()
-    })
-    .await;
+    wait_until("registration", WAIT, || !uplink.registrations().is_empty()).await;
     {
-        let registrations = uplink.registrations.lock().unwrap();
+        let registrations = uplink.registrations();
         let registration = &registrations[0];
         assert_eq!(registration.hardware, "revB");
         assert!(registration.installed.is_empty());
@@ -379,18 +318,18 @@ async fn full_cycle_installs_reports_in_order_and_repeats_on_reconnect() {
 
     // The install is followed by a registration with the new version.
     wait_until("registration after install", WAIT, || {
-        uplink.registrations.lock().unwrap().len() == 2
+        uplink.registrations().len() == 2
     })
     .await;
     assert_eq!(
-        uplink.registrations.lock().unwrap()[1].installed["sensor-fw"],
+        uplink.registrations()[1].installed["sensor-fw"],
         semver::Version::new(1, 0, 0)
     );
 
     // A reconnection registers again, then repeats the report.
     running.send(MqttEvent::Connected).await;
     wait_until("third registration", WAIT, || {
-        uplink.registrations.lock().unwrap().len() == 3 && uplink.events("dep-1").len() == 6
+        uplink.registrations().len() == 3 && uplink.events("dep-1").len() == 6
     })
     .await;
     assert_eq!(uplink.last("dep-1").unwrap().event, DeviceEvent::Installed);

@@ -9,56 +9,20 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use otter_agent::install::FileInstaller;
-use otter_agent::mqtt::{MqttError, MqttEvent, Uplink};
+use otter_agent::mqtt::MqttEvent;
 use otter_agent::state::StateStore;
 use otter_agent::{Agent, AgentConfig, Handlers};
 use otter_proto::manifest::{PackageKind, SignedManifest};
-use otter_proto::messages::{
-    DeviceEvent, Registration, ServerMessage, StatusReport, UpdateNotification,
-};
-use support::{AlwaysSafe, Answer, Counting, Pki, TestServer, pseudo_random_bytes, wait_until};
+use otter_proto::messages::{DeviceEvent, ServerMessage, UpdateNotification};
+use support::{AlwaysSafe, Answer, Counting, Pki, Recorder, TestServer, pseudo_random_bytes};
 use tokio::sync::{mpsc, oneshot};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Records the reports the agent publishes.
-#[derive(Default)]
-struct Recorder {
-    reports: Mutex<Vec<StatusReport>>,
-}
-
-impl Uplink for Recorder {
-    fn register(&self, _registration: &Registration) -> Result<(), MqttError> {
-        Ok(())
-    }
-    fn report(&self, report: &StatusReport) -> Result<(), MqttError> {
-        self.reports.lock().unwrap().push(report.clone());
-        Ok(())
-    }
-}
-
-impl Recorder {
-    fn of(&self, deployment: &str) -> Vec<StatusReport> {
-        self.reports
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.deployment_id == deployment)
-            .cloned()
-            .collect()
-    }
-    async fn wait_event(&self, deployment: &str, event: DeviceEvent) {
-        wait_until(&format!("{deployment}: {event:?}"), WAIT, || {
-            self.of(deployment).iter().any(|r| r.event == event)
-        })
-        .await
-    }
-}
 
 /// A signed 1.0.0 package, split as a notification carries it.
 struct Package {
@@ -247,7 +211,7 @@ async fn a_downgrade_needs_both_flags_and_a_refusal_changes_nothing() {
         ))
         .await;
         uplink.wait_event(deployment, DeviceEvent::Failed).await;
-        let reports = uplink.of(deployment);
+        let reports = uplink.reports_for(deployment);
         assert_eq!(reports.len(), 1, "{reports:?}");
         let detail = reports[0].detail.clone().unwrap();
         assert_eq!(
@@ -284,7 +248,11 @@ async fn a_downgrade_needs_both_flags_and_a_refusal_changes_nothing() {
     ))
     .await;
     uplink.wait_event("dep-both", DeviceEvent::Installed).await;
-    let events: Vec<DeviceEvent> = uplink.of("dep-both").iter().map(|r| r.event).collect();
+    let events: Vec<DeviceEvent> = uplink
+        .reports_for("dep-both")
+        .iter()
+        .map(|r| r.event)
+        .collect();
     assert_eq!(
         events,
         vec![

@@ -14,69 +14,23 @@
 mod support;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use otter_agent::install::FileInstaller;
-use otter_agent::mqtt::{MqttError, MqttEvent, Uplink};
+use otter_agent::mqtt::MqttEvent;
 use otter_agent::state::StateStore;
 use otter_agent::{Agent, AgentConfig, Handlers};
 use otter_proto::job::Stage;
 use otter_proto::manifest::{Manifest, PackageKind, SignedManifest};
-use otter_proto::messages::{
-    DeviceEvent, Registration, ServerMessage, StatusReport, UpdateNotification,
-};
-use support::{AlwaysSafe, Answer, Counting, Pki, TestServer, pseudo_random_bytes, wait_until};
+use otter_proto::messages::{DeviceEvent, ServerMessage, UpdateNotification};
+use support::{AlwaysSafe, Answer, Counting, Pki, Recorder, TestServer, pseudo_random_bytes};
 use tokio::sync::{mpsc, oneshot};
 
 const WAIT: Duration = Duration::from_secs(30);
 
 // --- harness ----------------------------------------------------------------
-
-/// Records what the agent publishes.
-#[derive(Default)]
-struct Recorder {
-    reports: Mutex<Vec<StatusReport>>,
-}
-
-impl Uplink for Recorder {
-    fn register(&self, _registration: &Registration) -> Result<(), MqttError> {
-        Ok(())
-    }
-    fn report(&self, report: &StatusReport) -> Result<(), MqttError> {
-        self.reports.lock().unwrap().push(report.clone());
-        Ok(())
-    }
-}
-
-impl Recorder {
-    fn events(&self, deployment: &str) -> Vec<DeviceEvent> {
-        self.reports
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.deployment_id == deployment)
-            .map(|r| r.event)
-            .collect()
-    }
-
-    /// Waits for `deployment`'s `failed` report; returns its detail.
-    async fn failure(&self, deployment: &str) -> String {
-        wait_until(&format!("{deployment}: failed"), WAIT, || {
-            self.events(deployment).contains(&DeviceEvent::Failed)
-        })
-        .await;
-        self.reports
-            .lock()
-            .unwrap()
-            .iter()
-            .rev()
-            .find(|r| r.deployment_id == deployment)
-            .and_then(|r| r.detail.clone())
-            .expect("a failed report has a detail")
-    }
-}
 
 /// A device folder with an installed `sensor-fw` 0.9.0 and a trusted key.
 struct Fixture {
@@ -350,7 +304,7 @@ async fn path_traversal_in_a_deployment_id_is_refused_and_writes_nothing() {
             .await;
     }
     for deployment in hostile {
-        let detail = uplink.failure(deployment).await;
+        let detail = uplink.wait_failure(deployment).await;
         assert!(detail.contains(deployment), "{deployment}: {detail}");
         assert_eq!(uplink.events(deployment), [DeviceEvent::Failed]);
     }
@@ -362,7 +316,7 @@ async fn path_traversal_in_a_deployment_id_is_refused_and_writes_nothing() {
     let mut named = fixture.notification("dep-name", &server.url("/a"), (evil, data_key.clone()));
     named.release = "../../escape@1.0.0".into();
     running.update(named).await;
-    let detail = uplink.failure("dep-name").await;
+    let detail = uplink.wait_failure("dep-name").await;
     assert!(detail.contains("name"), "{detail}");
     assert_eq!(uplink.events("dep-name"), [DeviceEvent::Failed]);
     running.stop().await;
@@ -415,7 +369,7 @@ async fn tampered_signatures_are_refused_before_any_download() {
             .await;
     }
     for (deployment, _) in &cases {
-        let detail = uplink.failure(deployment).await;
+        let detail = uplink.wait_failure(deployment).await;
         assert!(
             detail.contains("signature check failed"),
             "{deployment}: {detail}"
@@ -426,7 +380,7 @@ async fn tampered_signatures_are_refused_before_any_download() {
     let mut renamed = fixture.notification("dep-renamed", &server.url("/a"), (signed, data_key));
     renamed.release = "sensor-fw@9.0.0".into();
     running.update(renamed).await;
-    let detail = uplink.failure("dep-renamed").await;
+    let detail = uplink.wait_failure("dep-renamed").await;
     assert!(detail.contains("sensor-fw@9.0.0"), "{detail}");
     running.stop().await;
     assert!(server.seen().is_empty(), "downloaded: {:?}", server.seen());
@@ -443,7 +397,7 @@ async fn wrong_hardware_is_refused_before_any_download_and_changes_nothing() {
     running
         .update(fixture.notification("dep-1", &server.url("/a"), (signed, data_key)))
         .await;
-    let detail = uplink.failure("dep-1").await;
+    let detail = uplink.wait_failure("dep-1").await;
     assert!(detail.contains("revA"), "{detail}");
     assert_eq!(uplink.events("dep-1"), [DeviceEvent::Failed]);
     running.stop().await;
@@ -469,7 +423,7 @@ async fn a_decompression_bomb_stops_at_the_declared_size_and_installs_nothing() 
     running
         .update(fixture.notification("dep-bomb", &server.url("/a"), (lying, data_key)))
         .await;
-    let detail = uplink.failure("dep-bomb").await;
+    let detail = uplink.wait_failure("dep-bomb").await;
     assert_eq!(
         uplink.events("dep-bomb"),
         [DeviceEvent::Received, DeviceEvent::Failed]
@@ -502,7 +456,7 @@ async fn a_payload_unlike_its_signed_hash_is_refused_and_changes_nothing() {
     running
         .update(fixture.notification("dep-1", &server.url("/a"), (lying, data_key)))
         .await;
-    let detail = uplink.failure("dep-1").await;
+    let detail = uplink.wait_failure("dep-1").await;
     assert!(detail.contains("does not match the manifest"), "{detail}");
     running.stop().await;
     fixture.assert_unchanged(Some("dep-1"));
@@ -544,7 +498,7 @@ async fn a_data_key_wrapped_for_another_device_is_refused_before_any_download() 
         ))
         .await;
     for deployment in ["dep-a", "dep-b", "dep-c"] {
-        let detail = uplink.failure(deployment).await;
+        let detail = uplink.wait_failure(deployment).await;
         assert!(
             detail.starts_with("cannot unwrap the data key: "),
             "{deployment}: {detail}"

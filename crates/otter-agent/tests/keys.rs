@@ -13,72 +13,25 @@
 
 mod support;
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use otter_agent::install::FileInstaller;
-use otter_agent::mqtt::{MqttError, MqttEvent, Uplink};
+use otter_agent::mqtt::MqttEvent;
 use otter_agent::state::StateStore;
 use otter_agent::{Agent, AgentConfig, Handlers};
 use otter_package::keys::key_id;
 use otter_package::trust::{certify, revoke};
 use otter_proto::manifest::{Manifest, PackageKind, SignedManifest};
-use otter_proto::messages::{
-    DeviceEvent, Registration, ServerMessage, StatusReport, UpdateNotification,
-};
+use otter_proto::messages::{DeviceEvent, ServerMessage, UpdateNotification};
 use otter_proto::trust::SignedRevocationList;
-use support::{AlwaysSafe, Answer, Counting, Pki, TestServer, wait_until};
+use support::{AlwaysSafe, Answer, Counting, Pki, Recorder, TestServer};
 use tokio::sync::{mpsc, oneshot};
 
 const WAIT: Duration = Duration::from_secs(30);
 const DAY: i64 = 86_400;
-
-#[derive(Default)]
-struct Recorder {
-    reports: Mutex<Vec<StatusReport>>,
-}
-
-impl Uplink for Recorder {
-    fn register(&self, _registration: &Registration) -> Result<(), MqttError> {
-        Ok(())
-    }
-    fn report(&self, report: &StatusReport) -> Result<(), MqttError> {
-        self.reports.lock().unwrap().push(report.clone());
-        Ok(())
-    }
-}
-
-impl Recorder {
-    fn events(&self, deployment: &str) -> Vec<DeviceEvent> {
-        self.reports
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|r| r.deployment_id == deployment)
-            .map(|r| r.event)
-            .collect()
-    }
-
-    /// Waits for a final report (`installed` or `failed`) of `deployment`;
-    /// returns it and its detail.
-    async fn outcome(&self, deployment: &str) -> (DeviceEvent, String) {
-        wait_until(&format!("{deployment}: finished"), WAIT, || {
-            self.events(deployment)
-                .iter()
-                .any(|e| matches!(e, DeviceEvent::Installed | DeviceEvent::Failed))
-        })
-        .await;
-        let reports = self.reports.lock().unwrap();
-        let last = reports
-            .iter()
-            .rev()
-            .find(|r| r.deployment_id == deployment)
-            .unwrap();
-        (last.event, last.detail.clone().unwrap_or_default())
-    }
-}
 
 struct Running {
     events: mpsc::Sender<MqttEvent>,
@@ -310,7 +263,7 @@ async fn root_pinned_device_rotates_refuses_and_revokes() {
         .release("dep-1", "1.0.0", &first, first_cert.clone(), None)
         .await;
     running.update(update).await;
-    assert_eq!(uplink.outcome("dep-1").await.0, DeviceEvent::Installed);
+    assert_eq!(uplink.wait_outcome("dep-1").await.0, DeviceEvent::Installed);
     assert_eq!(
         device.installed_version(),
         Some(semver::Version::new(1, 0, 0))
@@ -329,7 +282,7 @@ async fn root_pinned_device_rotates_refuses_and_revokes() {
         )
         .await;
     running.update(update).await;
-    assert_eq!(uplink.outcome("dep-2").await.0, DeviceEvent::Installed);
+    assert_eq!(uplink.wait_outcome("dep-2").await.0, DeviceEvent::Installed);
     assert_eq!(
         device.installed_version(),
         Some(semver::Version::new(1, 1, 0))
@@ -375,7 +328,7 @@ async fn root_pinned_device_rotates_refuses_and_revokes() {
         servers.push(server);
     }
     for (deployment, _, _, expected) in &cases {
-        let (event, detail) = uplink.outcome(deployment).await;
+        let (event, detail) = uplink.wait_outcome(deployment).await;
         assert_eq!(event, DeviceEvent::Failed, "{deployment}");
         assert!(detail.contains(expected), "{deployment}: {detail}");
     }
@@ -421,7 +374,7 @@ async fn root_pinned_device_rotates_refuses_and_revokes() {
         )
         .await;
     running.update(update).await;
-    let (event, detail) = uplink.outcome("dep-revoked").await;
+    let (event, detail) = uplink.wait_outcome("dep-revoked").await;
     assert_eq!(event, DeviceEvent::Failed);
     assert!(
         detail.contains("revoked") && detail.contains("laptop stolen"),
@@ -436,7 +389,7 @@ async fn root_pinned_device_rotates_refuses_and_revokes() {
             .release(deployment, "3.0.1", &first, first_cert.clone(), Some(list))
             .await;
         running.update(update).await;
-        let (event, detail) = uplink.outcome(deployment).await;
+        let (event, detail) = uplink.wait_outcome(deployment).await;
         assert_eq!(event, DeviceEvent::Failed, "{deployment}");
         assert!(detail.contains("revoked"), "{deployment}: {detail}");
         assert_eq!(device.stored_revocation_sequence(), Some(2));
@@ -462,7 +415,7 @@ async fn root_pinned_device_rotates_refuses_and_revokes() {
         .release("dep-after-restart", "4.0.0", &first, first_cert, None)
         .await;
     running.update(update).await;
-    let (event, detail) = uplink.outcome("dep-after-restart").await;
+    let (event, detail) = uplink.wait_outcome("dep-after-restart").await;
     assert_eq!(event, DeviceEvent::Failed);
     assert!(detail.contains("revoked"), "{detail}");
     let (update, _server5) = device
@@ -475,7 +428,10 @@ async fn root_pinned_device_rotates_refuses_and_revokes() {
         )
         .await;
     running.update(update).await;
-    assert_eq!(uplink.outcome("dep-second").await.0, DeviceEvent::Installed);
+    assert_eq!(
+        uplink.wait_outcome("dep-second").await.0,
+        DeviceEvent::Installed
+    );
     running.stop().await;
     assert_eq!(
         device.installed_version(),

@@ -6,7 +6,7 @@
 //! create-new semantics (a certificate or list is never overwritten in
 //! place) and hold the JSON envelopes of `otter_proto::trust`.
 
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::Path;
 
@@ -150,13 +150,7 @@ fn read_root(path: &Path) -> anyhow::Result<SigningKey> {
 }
 
 fn read_small(path: &Path) -> anyhow::Result<String> {
-    let length = fs::metadata(path)
-        .with_context(|| format!("cannot read {}", path.display()))?
-        .len();
-    if length > MAX_TRUST_FILE {
-        bail!("{} is too large ({length} bytes)", path.display());
-    }
-    fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
+    crate::commands::read_small_text_file(path, MAX_TRUST_FILE)
 }
 
 fn write_new_json(path: &Path, value: &impl serde::Serialize) -> anyhow::Result<()> {

@@ -57,13 +57,14 @@ pub fn verify_manifest(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use otter_proto::manifest::{
         Compression, Digest, Encryption, MANIFEST_FORMAT, ManifestError, PackageKind,
     };
 
-    fn sample_manifest() -> Manifest {
+    /// A valid manifest, shared with `trust`'s tests.
+    pub(crate) fn sample_manifest() -> Manifest {
         Manifest {
             format: MANIFEST_FORMAT,
             name: "sensor-fw".into(),

@@ -456,35 +456,13 @@ fn to_json(value: &impl Serialize) -> String {
 mod tests {
     use super::*;
     use crate::sign::sign_manifest;
-    use otter_proto::manifest::{Compression, Digest, Encryption, MANIFEST_FORMAT, PackageKind};
     use proptest::prelude::*;
 
     const NOW: i64 = 1_800_000_000;
     const DAY: i64 = 86_400;
 
     fn manifest() -> Manifest {
-        Manifest {
-            format: MANIFEST_FORMAT,
-            name: "sensor-fw".into(),
-            version: semver::Version::new(1, 0, 0),
-            kind: PackageKind::Firmware,
-            hardware: vec!["revB".into()],
-            payload: Digest {
-                size: 1,
-                sha256: "a".repeat(64),
-            },
-            artifact: Digest {
-                size: 2,
-                sha256: "b".repeat(64),
-            },
-            compression: Compression::Zstd { window_log: 20 },
-            encryption: Encryption::ChaCha20Poly1305Stream {
-                chunk_size: 65536,
-                nonce_prefix: "00112233445566".into(),
-            },
-            created_at: 0,
-            allow_downgrade: false,
-        }
+        crate::sign::tests::sample_manifest()
     }
 
     fn key() -> SigningKey {

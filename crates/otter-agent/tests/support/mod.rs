@@ -359,3 +359,122 @@ impl otter_agent::safe_state::SafeStateProbe for AlwaysSafe {
         Box::pin(async { Ok(true) })
     }
 }
+
+/// How long the waiting helpers of [`Recorder`] wait for a report.
+const REPORT_WAIT: Duration = Duration::from_secs(30);
+
+/// The agent's uplink in a test: records every registration and status
+/// report the agent publishes, and answers questions about them per
+/// deployment.
+#[derive(Default)]
+pub struct Recorder {
+    registrations: Mutex<Vec<otter_proto::messages::Registration>>,
+    reports: Mutex<Vec<otter_proto::messages::StatusReport>>,
+}
+
+impl otter_agent::mqtt::Uplink for Recorder {
+    fn register(
+        &self,
+        registration: &otter_proto::messages::Registration,
+    ) -> Result<(), otter_agent::mqtt::MqttError> {
+        self.registrations
+            .lock()
+            .unwrap()
+            .push(registration.clone());
+        Ok(())
+    }
+    fn report(
+        &self,
+        report: &otter_proto::messages::StatusReport,
+    ) -> Result<(), otter_agent::mqtt::MqttError> {
+        self.reports.lock().unwrap().push(report.clone());
+        Ok(())
+    }
+}
+
+impl Recorder {
+    /// Every registration so far, oldest first.
+    pub fn registrations(&self) -> Vec<otter_proto::messages::Registration> {
+        self.registrations.lock().unwrap().clone()
+    }
+
+    /// The reports for `deployment`, oldest first.
+    pub fn reports_for(&self, deployment: &str) -> Vec<otter_proto::messages::StatusReport> {
+        self.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.deployment_id == deployment)
+            .cloned()
+            .collect()
+    }
+
+    /// The events reported for `deployment`, oldest first.
+    pub fn events(&self, deployment: &str) -> Vec<otter_proto::messages::DeviceEvent> {
+        self.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|r| r.deployment_id == deployment)
+            .map(|r| r.event)
+            .collect()
+    }
+
+    /// The last report for `deployment`, if any.
+    pub fn last(&self, deployment: &str) -> Option<otter_proto::messages::StatusReport> {
+        self.reports
+            .lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .find(|r| r.deployment_id == deployment)
+            .cloned()
+    }
+
+    /// Whether `event` was reported for `deployment`.
+    pub fn has(&self, deployment: &str, event: otter_proto::messages::DeviceEvent) -> bool {
+        self.events(deployment).contains(&event)
+    }
+
+    /// The detail of the last report for `deployment` (it must have one).
+    pub fn last_detail(&self, deployment: &str) -> String {
+        self.last(deployment).unwrap().detail.unwrap()
+    }
+
+    /// Waits until `event` was reported for `deployment`.
+    pub async fn wait_event(&self, deployment: &str, event: otter_proto::messages::DeviceEvent) {
+        wait_until(&format!("{deployment}: {event:?}"), REPORT_WAIT, || {
+            self.has(deployment, event)
+        })
+        .await
+    }
+
+    /// Waits for `deployment`'s `failed` report; returns the detail of its
+    /// last report.
+    pub async fn wait_failure(&self, deployment: &str) -> String {
+        wait_until(&format!("{deployment}: failed"), REPORT_WAIT, || {
+            self.has(deployment, otter_proto::messages::DeviceEvent::Failed)
+        })
+        .await;
+        self.last(deployment)
+            .and_then(|r| r.detail)
+            .expect("a failed report has a detail")
+    }
+
+    /// Waits for a final report (`installed` or `failed`) of `deployment`;
+    /// returns the event and detail (empty if none) of its last report.
+    pub async fn wait_outcome(
+        &self,
+        deployment: &str,
+    ) -> (otter_proto::messages::DeviceEvent, String) {
+        use otter_proto::messages::DeviceEvent;
+        wait_until(&format!("{deployment}: finished"), REPORT_WAIT, || {
+            self.events(deployment)
+                .iter()
+                .any(|e| matches!(e, DeviceEvent::Installed | DeviceEvent::Failed))
+        })
+        .await;
+        let last = self.last(deployment).unwrap();
+        (last.event, last.detail.unwrap_or_default())
+    }
+}

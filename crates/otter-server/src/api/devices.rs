@@ -133,15 +133,7 @@ pub(super) async fn enroll_batch(
     body: Result<Json<BatchEnrollRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<BatchEnrollResponse>), ApiError> {
     let requests = json_body(body)?.devices;
-    if requests.is_empty() || requests.len() > MAX_BATCH_ENROLL {
-        return Err(ApiError::unprocessable(
-            "invalid-request",
-            format!(
-                "a batch holds 1 to {MAX_BATCH_ENROLL} devices, not {}",
-                requests.len()
-            ),
-        ));
-    }
+    check_batch_len("a batch", requests.len())?;
     let mut seen = std::collections::HashSet::with_capacity(requests.len());
     for request in &requests {
         validate_request(request)?;
@@ -164,15 +156,7 @@ pub(super) async fn enroll_batch(
         .zip(&issued)
         .map(|(request, issued)| new_device(request, issued))
         .collect();
-    let actor = Actor::operator(&operator.name);
-    match state
-        .store
-        .enroll_devices(&new_devices, &actor, &clock::now_rfc3339())
-        .await?
-    {
-        BatchEnrollOutcome::Enrolled => {}
-        BatchEnrollOutcome::AlreadyExists(device_id) => return Err(device_exists(&device_id)),
-    }
+    store_batch(&state, &new_devices, &operator.name).await?;
     tracing::info!(devices = requests.len(), operator = %operator.name, "devices enrolled in a batch");
     let devices = requests
         .into_iter()
@@ -180,6 +164,34 @@ pub(super) async fn enroll_batch(
         .map(|(request, issued)| enroll_response(&state, request.device_id, issued))
         .collect();
     Ok((StatusCode::CREATED, Json(BatchEnrollResponse { devices })))
+}
+
+/// A batch (enrolment or import) holds 1 to [`MAX_BATCH_ENROLL`] devices.
+fn check_batch_len(what: &str, len: usize) -> Result<(), ApiError> {
+    if len == 0 || len > MAX_BATCH_ENROLL {
+        return Err(ApiError::unprocessable(
+            "invalid-request",
+            format!("{what} holds 1 to {MAX_BATCH_ENROLL} devices, not {len}"),
+        ));
+    }
+    Ok(())
+}
+
+/// Stores a checked batch in one transaction; an id enrolled meanwhile is
+/// `409 device-exists` and stores nothing.
+async fn store_batch(
+    state: &ApiState,
+    devices: &[NewDevice],
+    operator: &str,
+) -> Result<(), ApiError> {
+    match state
+        .store
+        .enroll_devices(devices, &Actor::operator(operator), &clock::now_rfc3339())
+        .await?
+    {
+        BatchEnrollOutcome::Enrolled => Ok(()),
+        BatchEnrollOutcome::AlreadyExists(device_id) => Err(device_exists(&device_id)),
+    }
 }
 
 /// `POST /api/v1/devices/import`: the factory path. Each certificate must
@@ -193,15 +205,7 @@ pub(super) async fn import(
     body: Result<Json<ImportDevicesRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<ImportDevicesResponse>), ApiError> {
     let devices = json_body(body)?.devices;
-    if devices.is_empty() || devices.len() > MAX_BATCH_ENROLL {
-        return Err(ApiError::unprocessable(
-            "invalid-request",
-            format!(
-                "an import holds 1 to {MAX_BATCH_ENROLL} devices, not {}",
-                devices.len()
-            ),
-        ));
-    }
+    check_batch_len("an import", devices.len())?;
     let mut new_devices = Vec::with_capacity(devices.len());
     let mut seen = std::collections::HashSet::with_capacity(devices.len());
     for (index, device) in devices.into_iter().enumerate() {
@@ -243,15 +247,7 @@ pub(super) async fn import(
             cert_serial: identity.serial_hex,
         });
     }
-    let actor = Actor::operator(&operator.name);
-    match state
-        .store
-        .enroll_devices(&new_devices, &actor, &clock::now_rfc3339())
-        .await?
-    {
-        BatchEnrollOutcome::Enrolled => {}
-        BatchEnrollOutcome::AlreadyExists(device_id) => return Err(device_exists(&device_id)),
-    }
+    store_batch(&state, &new_devices, &operator.name).await?;
     tracing::info!(devices = new_devices.len(), operator = %operator.name, "devices imported");
     Ok((
         StatusCode::CREATED,
