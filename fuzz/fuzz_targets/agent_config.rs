@@ -33,16 +33,34 @@ fuzz_target!(|data: &[u8]| {
         &config.private_key,
         &config.state_dir,
         &config.landing_zone,
-        &config.install.target_dir,
+        &config.install.default.target_dir,
     ];
-    for path in paths.into_iter().chain(&config.trusted_signers) {
+    let handlers = || {
+        std::iter::once(&config.install.default)
+            .chain(config.install.kinds.values())
+            .chain(config.install.packages.values())
+    };
+    let targets = handlers().map(|handler| &handler.target_dir);
+    for path in paths
+        .into_iter()
+        .chain(&config.trusted_signers)
+        .chain(targets)
+    {
         assert!(path.is_absolute(), "{} is relative", path.display());
     }
     assert!(config.safe_state.initial_backoff <= config.safe_state.max_backoff);
     assert!(config.download.initial_backoff <= config.download.max_backoff);
     assert!(config.download.max_attempts >= 1);
-    if config.install.handler == HandlerKind::Command {
-        assert!(!config.install.command.is_empty());
+    for handler in handlers() {
+        if handler.handler == HandlerKind::Command {
+            assert!(!handler.command.is_empty());
+        } else {
+            assert!(handler.rollback_command.is_empty());
+        }
+    }
+    assert!(config.install.kinds.keys().all(|kind| kind != "agent"));
+    if let Some(health) = &config.health {
+        assert!(!health.command.is_empty() && !health.deadline.is_zero());
     }
     assert_eq!(config.source, None);
     assert_eq!(config.self_update.executable, None);

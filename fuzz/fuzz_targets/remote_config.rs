@@ -77,6 +77,13 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(merged.trusted_signers, base.trusted_signers);
         assert_eq!(merged.state_dir, base.state_dir);
         assert_eq!(merged.landing_zone, base.landing_zone);
-        assert_eq!(merged.install.target_dir, base.install.target_dir);
+        assert_eq!(
+            merged.install.default.target_dir,
+            base.install.default.target_dir
+        );
+        // The overrides hold paths: only the device's own file sets them.
+        assert_eq!(merged.install.kinds, base.install.kinds);
+        assert_eq!(merged.install.packages, base.install.packages);
+        assert_eq!(merged.health, base.health);
     }
 });

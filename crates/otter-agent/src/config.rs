@@ -9,9 +9,11 @@
 //! Layout: the validated types first ([`AgentConfig`] and its sections), then
 //! the raw serde shapes, then loading and validation.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use otter_proto::manifest::PackageKind;
 use otter_proto::messages::Mode;
 use otter_proto::topics::DeviceId;
 use serde::Deserialize;
@@ -55,10 +57,15 @@ pub struct AgentConfig {
     /// created at first start if missing (mode 0600, never overwritten);
     /// `<state_dir>/encryption.key` by default.
     pub encryption_key: PathBuf,
+    /// The Unix socket where programs on the device take inhibitors
+    /// (`crate::inhibit`); `<state_dir>/inhibit.sock` by default.
+    pub inhibit_socket: PathBuf,
     /// Where downloads and unpacked payloads wait for installation.
     pub landing_zone: PathBuf,
     pub safe_state: SafeStateConfig,
     pub install: InstallConfig,
+    /// `[health]`: the check after an install; `None` installs unchecked.
+    pub health: Option<HealthConfig>,
     pub download: DownloadConfig,
     pub self_update: SelfUpdateConfig,
     /// The `agent.toml` this was loaded from (`None` from
@@ -105,18 +112,56 @@ pub enum HandlerKind {
     File,
     /// Run a command with the payload path.
     Command,
+    /// Unpack a tar payload into `target_dir/<name>/versions/<version>` and
+    /// switch the `current` symlink.
+    Archive,
 }
 
-/// `[install]`.
+/// `[install]`: the default handler and its overrides per package kind
+/// (`[install.kinds.<kind>]`) and per package name
+/// (`[install.packages.<name>]`). A name override wins over a kind
+/// override, which wins over the default; an override's missing keys are
+/// taken from `[install]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InstallConfig {
+    pub default: HandlerConfig,
+    pub kinds: BTreeMap<String, HandlerConfig>,
+    pub packages: BTreeMap<String, HandlerConfig>,
+}
+
+impl InstallConfig {
+    /// The handler settings for a package.
+    pub fn for_package(&self, kind: PackageKind, name: &str) -> &HandlerConfig {
+        self.packages
+            .get(name)
+            .or_else(|| self.kinds.get(kind.as_str()))
+            .unwrap_or(&self.default)
+    }
+}
+
+/// One install handler's settings.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HandlerConfig {
     pub handler: HandlerKind,
-    /// Target folder of the `file` handler.
+    /// Target folder of the `file` and `archive` handlers.
     pub target_dir: PathBuf,
     /// Argv of the `command` handler; `{payload}`, `{name}` and `{version}`
     /// are substituted.
     pub command: Vec<String>,
+    /// Argv the `command` handler runs to roll an install back (same
+    /// substitutions); empty means it cannot roll back.
+    pub rollback_command: Vec<String>,
     pub timeout: Duration,
+}
+
+/// `[health]`: the check that confirms an install.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Argv; exit status 0 means healthy. Run again, with a short backoff,
+    /// until it succeeds or `deadline` passes.
+    pub command: Vec<String>,
+    /// No healthy answer within this long after the install: roll back.
+    pub deadline: Duration,
 }
 
 /// `[download]`.
@@ -171,12 +216,16 @@ pub struct RawConfig {
     pub state_dir: PathBuf,
     #[serde(default)]
     pub encryption_key: Option<PathBuf>,
+    #[serde(default)]
+    pub inhibit_socket: Option<PathBuf>,
     #[serde(default = "default_landing_zone")]
     pub landing_zone: PathBuf,
     #[serde(default)]
     pub safe_state: RawSafeState,
     #[serde(default)]
     pub install: RawInstall,
+    #[serde(default)]
+    pub health: RawHealth,
     #[serde(default)]
     pub download: RawDownload,
     #[serde(default)]
@@ -223,7 +272,12 @@ pub struct RawInstall {
     pub handler: HandlerKind,
     pub target_dir: PathBuf,
     pub command: Vec<String>,
+    pub rollback_command: Vec<String>,
     pub timeout: String,
+    /// `[install.kinds.<kind>]`: overrides per package kind.
+    pub kinds: BTreeMap<String, RawInstallOverride>,
+    /// `[install.packages.<name>]`: overrides per package name.
+    pub packages: BTreeMap<String, RawInstallOverride>,
 }
 
 impl Default for RawInstall {
@@ -232,7 +286,38 @@ impl Default for RawInstall {
             handler: HandlerKind::File,
             target_dir: "installed".into(),
             command: Vec::new(),
+            rollback_command: Vec::new(),
             timeout: "10m".into(),
+            kinds: BTreeMap::new(),
+            packages: BTreeMap::new(),
+        }
+    }
+}
+
+/// An override of `[install]`: missing keys are taken from `[install]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawInstallOverride {
+    pub handler: Option<HandlerKind>,
+    pub target_dir: Option<PathBuf>,
+    pub command: Option<Vec<String>>,
+    pub rollback_command: Option<Vec<String>>,
+    pub timeout: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHealth {
+    /// Empty (the default): no health check.
+    pub command: Vec<String>,
+    pub deadline: String,
+}
+
+impl Default for RawHealth {
+    fn default() -> Self {
+        RawHealth {
+            command: Vec::new(),
+            deadline: "60s".into(),
         }
     }
 }
@@ -342,18 +427,15 @@ impl AgentConfig {
             safe_state.max_backoff,
         )?;
 
-        let install = InstallConfig {
-            handler: raw.install.handler,
-            target_dir: resolve(&raw.install.target_dir),
-            command: raw.install.command,
-            timeout: duration("install.timeout", &raw.install.timeout)?,
+        let install = install_config(raw.install, &resolve)?;
+        let health = if raw.health.command.is_empty() {
+            None
+        } else {
+            Some(HealthConfig {
+                command: raw.health.command,
+                deadline: duration("health.deadline", &raw.health.deadline)?,
+            })
         };
-        if install.handler == HandlerKind::Command && install.command.is_empty() {
-            return Err(ConfigError::Invalid {
-                key: "install.command",
-                reason: "the command handler needs a non-empty argv".into(),
-            });
-        }
 
         let download = DownloadConfig {
             max_attempts: raw.download.max_attempts,
@@ -395,9 +477,14 @@ impl AgentConfig {
                 Some(path) => resolve(path),
                 None => resolve(&raw.state_dir).join("encryption.key"),
             },
+            inhibit_socket: match &raw.inhibit_socket {
+                Some(path) => resolve(path),
+                None => resolve(&raw.state_dir).join("inhibit.sock"),
+            },
             landing_zone: resolve(&raw.landing_zone),
             safe_state,
             install,
+            health,
             download,
             self_update,
             source: None,
@@ -431,6 +518,90 @@ impl AgentConfig {
         }
         Ok(())
     }
+}
+
+/// Validates `[install]` and its overrides.
+fn install_config(
+    raw: RawInstall,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+) -> Result<InstallConfig, ConfigError> {
+    let default = HandlerConfig {
+        handler: raw.handler,
+        target_dir: resolve(&raw.target_dir),
+        command: raw.command,
+        rollback_command: raw.rollback_command,
+        timeout: duration("install.timeout", &raw.timeout)?,
+    };
+    check_handler(&default, "install.command", "install.rollback_command")?;
+    let merged = |key: &'static str, o: RawInstallOverride| -> Result<HandlerConfig, ConfigError> {
+        let handler = HandlerConfig {
+            handler: o.handler.unwrap_or(default.handler),
+            target_dir: o
+                .target_dir
+                .map(|path| resolve(&path))
+                .unwrap_or_else(|| default.target_dir.clone()),
+            command: o.command.unwrap_or_else(|| default.command.clone()),
+            rollback_command: o
+                .rollback_command
+                .unwrap_or_else(|| default.rollback_command.clone()),
+            timeout: match o.timeout {
+                Some(text) => duration(key, &text)?,
+                None => default.timeout,
+            },
+        };
+        check_handler(&handler, key, key)?;
+        Ok(handler)
+    };
+    let mut kinds = BTreeMap::new();
+    for (kind, raw_override) in raw.kinds {
+        let invalid = |reason: String| ConfigError::Invalid {
+            key: "install.kinds",
+            reason,
+        };
+        let parsed: PackageKind = kind
+            .parse()
+            .map_err(|_| invalid(format!("{kind:?} is not a package kind")))?;
+        if parsed == PackageKind::Agent {
+            return Err(invalid(
+                "packages of kind \"agent\" are always installed by the self-update".into(),
+            ));
+        }
+        kinds.insert(kind, merged("install.kinds", raw_override)?);
+    }
+    let mut packages = BTreeMap::new();
+    for (name, raw_override) in raw.packages {
+        otter_proto::manifest::validate_name(&name).map_err(|reason| ConfigError::Invalid {
+            key: "install.packages",
+            reason: format!("{name:?}: {reason}"),
+        })?;
+        packages.insert(name, merged("install.packages", raw_override)?);
+    }
+    Ok(InstallConfig {
+        default,
+        kinds,
+        packages,
+    })
+}
+
+/// The checks every handler's settings pass; the keys name what is wrong.
+fn check_handler(
+    handler: &HandlerConfig,
+    command_key: &'static str,
+    rollback_key: &'static str,
+) -> Result<(), ConfigError> {
+    if handler.handler == HandlerKind::Command && handler.command.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: command_key,
+            reason: "the command handler needs a non-empty argv in `command`".into(),
+        });
+    }
+    if handler.handler != HandlerKind::Command && !handler.rollback_command.is_empty() {
+        return Err(ConfigError::Invalid {
+            key: rollback_key,
+            reason: "`rollback_command` is used by the command handler only".into(),
+        });
+    }
+    Ok(())
 }
 
 /// A duration where zero means "never" (`None`).
@@ -538,10 +709,25 @@ max_backoff = "60s"
 deadline = "24h"      # no safe state within this → report failed
 
 [install]
-handler = "file"      # "file" | "command"
+handler = "file"      # "file" | "archive" | "command"
 target_dir = "installed"          # file: payload goes to target_dir/<package name>, previous kept as <name>.previous
+                                  # archive: tar unpacked to target_dir/<name>/versions/<version>, symlink target_dir/<name>/current
 command = []          # command handler: argv, "{payload}" replaced by the payload path, "{name}" and "{version}" too
+rollback_command = [] # command handler: argv restoring the previous version (same substitutions); empty = no rollback
 timeout = "10m"
+
+# Overrides: [install.packages.<name>] wins over [install.kinds.<kind>], which wins
+# over [install]; keys left out are taken from [install].
+# [install.kinds.application]
+# handler = "archive"
+# target_dir = "/opt/apps"
+# [install.packages.sensor-fw]
+# handler = "command"
+# command = ["/usr/sbin/flash-fw", "{payload}"]
+
+[health]
+command = []          # argv run after an install until it exits 0; empty = no check
+deadline = "60s"      # not healthy within this → roll back and report rolled-back
 
 [download]
 max_attempts = 8
@@ -566,9 +752,14 @@ max_backoff = "60s"
             config.trusted_signers,
             vec![PathBuf::from("/etc/otter/signers/signer-1.pub")]
         );
-        assert_eq!(config.install.handler, HandlerKind::File);
-        assert_eq!(config.install.target_dir, Path::new("/etc/otter/installed"));
-        assert_eq!(config.install.timeout, Duration::from_secs(600));
+        assert_eq!(config.install.default.handler, HandlerKind::File);
+        assert_eq!(
+            config.install.default.target_dir,
+            Path::new("/etc/otter/installed")
+        );
+        assert_eq!(config.install.default.timeout, Duration::from_secs(600));
+        assert!(config.install.kinds.is_empty() && config.install.packages.is_empty());
+        assert_eq!(config.health, None);
         assert_eq!(config.safe_state.deadline, Duration::from_secs(24 * 3600));
         assert_eq!(config.download.max_attempts, 8);
     }
@@ -700,6 +891,105 @@ trusted_signers = ["s.pub"]
             let error = error_for(from, to);
             assert!(error.contains(expected), "{to:?}: {error}");
         }
+    }
+
+    /// A name override wins over a kind override, which wins over
+    /// `[install]`; keys an override leaves out come from `[install]`.
+    #[test]
+    fn install_overrides_per_kind_and_name() {
+        let text = format!(
+            "{SAMPLE}\n{}",
+            r#"
+[install.kinds.application]
+handler = "archive"
+target_dir = "/opt/apps"
+
+[install.packages.sensor-fw]
+handler = "command"
+command = ["flash", "{payload}"]
+rollback_command = ["flash", "--previous"]
+timeout = "1m"
+"#
+        )
+        .replace(
+            "command = []          # argv run",
+            "command = [\"check\"]  # argv run",
+        );
+        let config = AgentConfig::from_toml_str(&text, Path::new("/etc/otter")).unwrap();
+        let install = &config.install;
+        let app = install.for_package(PackageKind::Application, "web");
+        assert_eq!(
+            (app.handler, app.target_dir.as_path(), app.timeout),
+            (
+                HandlerKind::Archive,
+                Path::new("/opt/apps"),
+                Duration::from_secs(600)
+            )
+        );
+        // The name override wins even over the kind's.
+        let named = install.for_package(PackageKind::Application, "sensor-fw");
+        assert_eq!(named.handler, HandlerKind::Command);
+        assert_eq!(named.rollback_command, vec!["flash", "--previous"]);
+        assert_eq!(named.timeout, Duration::from_secs(60));
+        assert_eq!(named.target_dir, Path::new("/etc/otter/installed"));
+        let firmware = install.for_package(PackageKind::Firmware, "other");
+        assert_eq!(firmware, &install.default);
+        assert_eq!(
+            config.health,
+            Some(HealthConfig {
+                command: vec!["check".into()],
+                deadline: Duration::from_secs(60)
+            })
+        );
+    }
+
+    #[test]
+    fn bad_install_overrides_and_health_are_named() {
+        let cases = [
+            ("[install.kinds.gadget]\nhandler = \"archive\"", "gadget"),
+            (
+                "[install.kinds.agent]\nhandler = \"archive\"",
+                "self-update",
+            ),
+            (
+                "[install.packages.\"../x\"]\nhandler = \"archive\"",
+                "install.packages",
+            ),
+            (
+                "[install.packages.app]\nhandler = \"command\"",
+                "install.packages",
+            ),
+            (
+                "[install.packages.app]\nrollback_command = [\"x\"]",
+                "command handler only",
+            ),
+            ("[install.kinds.firmware]\nflavour = 1", "flavour"),
+            (
+                "[install.kinds.firmware]\ntimeout = \"soon\"",
+                "install.kinds",
+            ),
+        ];
+        for (section, expected) in cases {
+            let text = format!("{SAMPLE}\n{section}\n");
+            let error = AgentConfig::from_toml_str(&text, Path::new("."))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(expected), "{section}: {error}");
+        }
+        // A health check needs a positive deadline.
+        let text = SAMPLE
+            .replace(
+                "command = []          # argv run",
+                "command = [\"check\"] #",
+            )
+            .replace(
+                "deadline = \"60s\"      # not healthy",
+                "deadline = \"0s\" #",
+            );
+        let error = AgentConfig::from_toml_str(&text, Path::new("."))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("health.deadline"), "{error}");
     }
 
     #[test]

@@ -2,16 +2,26 @@
 //!
 //! Every handler implements [`Installer`]: take the verified payload of an
 //! [`InstallRequest`] and make it the running version, atomically enough that
-//! running the same install twice (after a crash mid-install) is harmless.
+//! running the same install twice (after a crash mid-install) is harmless;
+//! and, when a health check fails, [`Installer::rollback`] to the version the
+//! install replaced.
 //!
 //! - [`FileInstaller`]: copies the payload to `target_dir/<name>` through a
-//!   temporary file and a rename, keeping the old file as `<name>.previous`.
+//!   temporary file and a rename, keeping the old file as `<name>.previous`,
+//!   which a rollback renames back.
+//! - [`ArchiveInstaller`] (`archive.rs`): unpacks a tar payload into
+//!   `target_dir/<name>/versions/<version>/` and switches the `current`
+//!   symlink; a rollback points it back at the previous version.
 //! - [`CommandInstaller`]: runs an argv with `{payload}`, `{name}` and
 //!   `{version}` substituted, under a timeout; a non-zero exit fails with
-//!   the tail of its stderr.
+//!   the tail of its stderr. Its optional rollback argv works the same way.
 //!
-//! [`installer_for`] picks one from the configuration. Future handlers
-//! (archive, swupdate, rauc) are further implementations of the trait.
+//! [`installer_for`] picks one from a handler's configuration. Future
+//! handlers (swupdate, rauc) are further implementations of the trait.
+
+mod archive;
+
+pub use archive::ArchiveInstaller;
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -21,7 +31,7 @@ use std::time::Duration;
 use futures_util::future::BoxFuture;
 use tokio::io::AsyncReadExt;
 
-use crate::config::{HandlerKind, InstallConfig};
+use crate::config::{HandlerConfig, HandlerKind};
 use crate::state::sync_dir;
 
 /// Bytes of a failed command's stderr kept for the report.
@@ -63,6 +73,13 @@ pub enum InstallError {
     /// self-update without a supervisor); the reason is reported.
     #[error("{0}")]
     Rejected(String),
+    /// An archive entry the `archive` handler does not unpack; nothing of
+    /// the archive is left behind.
+    #[error("archive refused: {0}")]
+    UnsafeArchive(String),
+    /// This handler keeps no previous version to return to.
+    #[error("the {0} handler cannot roll back")]
+    NoRollback(&'static str),
 }
 
 /// An install handler.
@@ -76,16 +93,44 @@ pub trait Installer: Send + Sync {
         &'a self,
         request: &'a InstallRequest,
     ) -> BoxFuture<'a, Result<(), InstallError>>;
+
+    /// Undoes the install of `request` (just made by [`Installer::install`]):
+    /// the version it replaced runs again, or, after a first install,
+    /// nothing does. Running it twice is harmless. Handlers that keep no
+    /// previous version answer [`InstallError::NoRollback`].
+    fn rollback<'a>(
+        &'a self,
+        request: &'a InstallRequest,
+    ) -> BoxFuture<'a, Result<(), InstallError>> {
+        let _ = request;
+        let name = self.name();
+        Box::pin(async move { Err(InstallError::NoRollback(name)) })
+    }
 }
 
-/// The installer configured by `[install]`.
-pub fn installer_for(config: &InstallConfig) -> Box<dyn Installer> {
+/// The installer one handler configuration describes.
+pub fn installer_for(config: &HandlerConfig) -> Box<dyn Installer> {
     match config.handler {
         HandlerKind::File => Box::new(FileInstaller::new(config.target_dir.clone())),
-        HandlerKind::Command => Box::new(CommandInstaller::new(
-            config.command.clone(),
-            config.timeout,
-        )),
+        HandlerKind::Archive => Box::new(ArchiveInstaller::new(config.target_dir.clone())),
+        HandlerKind::Command => Box::new(
+            CommandInstaller::new(config.command.clone(), config.timeout)
+                .with_rollback(config.rollback_command.clone()),
+        ),
+    }
+}
+
+/// A map from an `io::Error` to [`InstallError::Io`] naming the action and
+/// the path.
+pub(crate) fn io_error(
+    action: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> InstallError + use<> {
+    let path = path.to_owned();
+    move |source| InstallError::Io {
+        action,
+        path,
+        source,
     }
 }
 
@@ -120,6 +165,37 @@ impl Installer for FileInstaller {
                 .map_err(|e| InstallError::Task(e.to_string()))?
         })
     }
+
+    fn rollback<'a>(
+        &'a self,
+        request: &'a InstallRequest,
+    ) -> BoxFuture<'a, Result<(), InstallError>> {
+        let target_dir = self.target_dir.clone();
+        let name = request.name.clone();
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || rollback_file(&target_dir, &name))
+                .await
+                .map_err(|e| InstallError::Task(e.to_string()))?
+        })
+    }
+}
+
+/// Renames `<name>.previous` over `<name>`; without a previous file (a first
+/// install) the installed file is removed. A second run finds neither a
+/// previous file nor, then, a target, and changes nothing.
+fn rollback_file(target_dir: &Path, name: &str) -> Result<(), InstallError> {
+    let target = target_dir.join(name);
+    let previous = target_dir.join(format!("{name}.previous"));
+    match std::fs::rename(&previous, &target) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => match std::fs::remove_file(&target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(io_error("cannot remove", &target)(e)),
+        },
+        Err(e) => return Err(io_error("cannot restore", &previous)(e)),
+    }
+    sync_dir(target_dir).map_err(io_error("cannot sync", target_dir))
 }
 
 fn install_file(target_dir: &Path, request: &InstallRequest) -> Result<(), InstallError> {
@@ -165,31 +241,47 @@ fn install_file(target_dir: &Path, request: &InstallRequest) -> Result<(), Insta
     Ok(())
 }
 
-/// Runs an install command.
+/// Runs an install command, and an optional rollback command.
 #[derive(Debug, Clone)]
 pub struct CommandInstaller {
     argv: Vec<String>,
+    /// Empty: the handler cannot roll back.
+    rollback_argv: Vec<String>,
     timeout: Duration,
 }
 
 impl CommandInstaller {
     pub fn new(argv: Vec<String>, timeout: Duration) -> Self {
-        CommandInstaller { argv, timeout }
+        CommandInstaller {
+            argv,
+            rollback_argv: Vec::new(),
+            timeout,
+        }
+    }
+
+    /// The same installer with a rollback argv (empty: none).
+    pub fn with_rollback(mut self, rollback_argv: Vec<String>) -> Self {
+        self.rollback_argv = rollback_argv;
+        self
     }
 
     /// The argv with `{payload}`, `{name}` and `{version}` substituted.
     pub fn command_line(&self, request: &InstallRequest) -> Vec<String> {
-        let payload = request.payload.to_string_lossy();
-        let version = request.version.to_string();
-        self.argv
-            .iter()
-            .map(|arg| {
-                arg.replace("{payload}", &payload)
-                    .replace("{name}", &request.name)
-                    .replace("{version}", &version)
-            })
-            .collect()
+        substitute(&self.argv, request)
     }
+}
+
+/// `argv` with `{payload}`, `{name}` and `{version}` substituted.
+pub(crate) fn substitute(argv: &[String], request: &InstallRequest) -> Vec<String> {
+    let payload = request.payload.to_string_lossy();
+    let version = request.version.to_string();
+    argv.iter()
+        .map(|arg| {
+            arg.replace("{payload}", &payload)
+                .replace("{name}", &request.name)
+                .replace("{version}", &version)
+        })
+        .collect()
 }
 
 impl Installer for CommandInstaller {
@@ -201,58 +293,86 @@ impl Installer for CommandInstaller {
         &'a self,
         request: &'a InstallRequest,
     ) -> BoxFuture<'a, Result<(), InstallError>> {
-        Box::pin(async move {
-            let argv = self.command_line(request);
-            let Some((program, args)) = argv.split_first() else {
-                return Err(InstallError::Spawn {
-                    program: String::new(),
-                    source: std::io::Error::other("empty install command"),
-                });
-            };
-            let mut child = tokio::process::Command::new(program)
-                .args(args)
-                .env("OTTER_DEPLOYMENT_ID", &request.deployment_id)
-                .env("OTTER_PACKAGE_KIND", request.kind.as_str())
-                .stdin(Stdio::null())
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .kill_on_drop(true)
-                .spawn()
-                .map_err(|source| InstallError::Spawn {
-                    program: program.clone(),
-                    source,
-                })?;
-            let stderr = child.stderr.take();
-            let run = async {
-                let tail = match stderr {
-                    Some(stderr) => read_tail(stderr, STDERR_TAIL_BYTES).await,
-                    None => Vec::new(),
-                };
-                (child.wait().await, tail)
-            };
-            let (status, tail) = match tokio::time::timeout(self.timeout, run).await {
-                Ok(done) => done,
-                // Dropping `run` drops the child, and kill_on_drop kills it.
-                Err(_elapsed) => return Err(InstallError::Timeout(self.timeout)),
-            };
-            let status = status.map_err(|source| InstallError::Spawn {
-                program: program.clone(),
-                source,
-            })?;
-            if status.success() {
-                Ok(())
-            } else {
-                Err(InstallError::CommandFailed {
-                    status: status.to_string(),
-                    stderr_tail: String::from_utf8_lossy(&tail).trim().to_owned(),
-                })
-            }
+        Box::pin(run_command(
+            substitute(&self.argv, request),
+            request,
+            self.timeout,
+        ))
+    }
+
+    fn rollback<'a>(
+        &'a self,
+        request: &'a InstallRequest,
+    ) -> BoxFuture<'a, Result<(), InstallError>> {
+        if self.rollback_argv.is_empty() {
+            return Box::pin(async { Err(InstallError::NoRollback("command")) });
+        }
+        Box::pin(run_command(
+            substitute(&self.rollback_argv, request),
+            request,
+            self.timeout,
+        ))
+    }
+}
+
+/// Runs one operator command for `request` under `timeout`; a non-zero exit
+/// is an error with the tail of its stderr.
+async fn run_command(
+    argv: Vec<String>,
+    request: &InstallRequest,
+    timeout: Duration,
+) -> Result<(), InstallError> {
+    let Some((program, args)) = argv.split_first() else {
+        return Err(InstallError::Spawn {
+            program: String::new(),
+            source: std::io::Error::other("empty install command"),
+        });
+    };
+    let mut child = tokio::process::Command::new(program)
+        .args(args)
+        .env("OTTER_DEPLOYMENT_ID", &request.deployment_id)
+        .env("OTTER_PACKAGE_KIND", request.kind.as_str())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|source| InstallError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
+    let stderr = child.stderr.take();
+    let run = async {
+        let tail = match stderr {
+            Some(stderr) => read_tail(stderr, STDERR_TAIL_BYTES).await,
+            None => Vec::new(),
+        };
+        (child.wait().await, tail)
+    };
+    let (status, tail) = match tokio::time::timeout(timeout, run).await {
+        Ok(done) => done,
+        // Dropping `run` drops the child, and kill_on_drop kills it.
+        Err(_elapsed) => return Err(InstallError::Timeout(timeout)),
+    };
+    let status = status.map_err(|source| InstallError::Spawn {
+        program: program.clone(),
+        source,
+    })?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(InstallError::CommandFailed {
+            status: status.to_string(),
+            stderr_tail: String::from_utf8_lossy(&tail).trim().to_owned(),
         })
     }
 }
 
 /// Reads a stream to its end, keeping only its last `keep` bytes.
-async fn read_tail(mut reader: impl tokio::io::AsyncRead + Unpin, keep: usize) -> Vec<u8> {
+pub(crate) async fn read_tail(
+    mut reader: impl tokio::io::AsyncRead + Unpin,
+    keep: usize,
+) -> Vec<u8> {
     let mut tail = Vec::with_capacity(keep);
     let mut buffer = [0u8; 4096];
     loop {

@@ -16,7 +16,11 @@
 //! - [`push`]: push mode's chunk writer (append at the end, sync, acknowledge).
 //! - [`landing_zone`]: the per-deployment folders.
 //! - [`safe_state`]: step 7, the [`safe_state::SafeStateProbe`] trait and the wait.
+//! - [`inhibit`]: inhibitors programs on the device take over a Unix socket
+//!   (and `otter-agent inhibit`); while one is held the agent does not
+//!   install.
 //! - [`install`]: step 8, the [`install::Installer`] trait and its handlers.
+//! - [`health`]: the health check after an install (a failure rolls it back).
 //! - [`state`]: the persisted job and installed versions.
 //! - [`backoff`]: exponential backoff with jitter.
 //! - [`remote_config`]: the `otter-agent-config` package (mode switch by update).
@@ -40,6 +44,8 @@ pub mod config;
 pub mod download;
 pub mod enrol;
 pub mod fetch;
+pub mod health;
+pub mod inhibit;
 pub mod install;
 pub mod landing_zone;
 pub mod mqtt;
@@ -53,5 +59,5 @@ pub mod state;
 pub mod supervisor;
 pub mod tls;
 
-pub use agent::{Agent, Handlers, RunOutcome, run, run_with_handlers};
+pub use agent::{Agent, Handlers, RunOutcome, run, run_inhibited, run_with_handlers};
 pub use config::AgentConfig;

@@ -14,6 +14,9 @@
 //!   [`otter_agent::self_update::STAGED_EXIT_CODE`].
 //! - `otter-agent enrol ...` enrols the device with a CSR and a one-time
 //!   token ([`otter_agent::enrol`]) and writes its bundle, then exits.
+//! - `otter-agent inhibit --reason TEXT -- COMMAND ...` holds an inhibitor
+//!   ([`otter_agent::inhibit`]) while COMMAND runs and exits with its status;
+//!   `otter-agent inhibit --list` shows the inhibitors held.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,7 +31,12 @@ use tokio::sync::watch;
 #[command(version, about)]
 struct Arguments {
     /// Path of the agent configuration file.
-    #[arg(long, env = "OTTER_AGENT_CONFIG", default_value = "agent.toml")]
+    #[arg(
+        long,
+        env = "OTTER_AGENT_CONFIG",
+        default_value = "agent.toml",
+        global = true
+    )]
     config: PathBuf,
     /// Run the agent itself rather than its supervisor (set by the
     /// supervisor; the agent stops when its stdin closes).
@@ -61,6 +69,29 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Hold an inhibitor while COMMAND runs: the agent does not install
+    /// until it exits (or the time to live passes). Exits with COMMAND's
+    /// status; 125 when the inhibitor cannot be taken.
+    Inhibit(InhibitArguments),
+}
+
+#[derive(Debug, clap::Args)]
+struct InhibitArguments {
+    /// Why installing must wait, shown in logs and `--list`.
+    #[arg(long, required_unless_present = "list")]
+    reason: Option<String>,
+    /// Longest the inhibitor lasts, even if COMMAND runs on (e.g. `2h`).
+    #[arg(long, default_value = "2h")]
+    ttl: String,
+    /// Name of the inhibitor (default: COMMAND's file name and this pid).
+    #[arg(long)]
+    name: Option<String>,
+    /// List the inhibitors held and exit.
+    #[arg(long, conflicts_with_all = ["reason", "name", "command"])]
+    list: bool,
+    /// The command and its arguments, after `--`.
+    #[arg(last = true, required_unless_present = "list")]
+    command: Vec<String>,
 }
 
 /// Exit status for an unusable configuration.
@@ -78,16 +109,17 @@ fn main() -> ExitCode {
     // for anything that does not take an explicit provider.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 
-    if let Some(Command::Enrol {
-        server,
-        ca,
-        token,
-        device_id,
-        hardware,
-        out,
-    }) = arguments.command
-    {
-        return run_enrol(server, ca, token, &device_id, hardware, out);
+    match arguments.command {
+        Some(Command::Enrol {
+            server,
+            ca,
+            token,
+            device_id,
+            hardware,
+            out,
+        }) => return run_enrol(server, ca, token, &device_id, hardware, out),
+        Some(Command::Inhibit(inhibit)) => return run_inhibit(&arguments.config, inhibit),
+        None => {}
     }
     let config = match AgentConfig::load(&arguments.config) {
         Ok(config) => config,
@@ -157,6 +189,194 @@ fn run_enrol(
     }
 }
 
+/// Exit status of `inhibit` when the inhibitor cannot be taken (as `env`
+/// and `timeout` use 125 for their own failures).
+const INHIBIT_FAILED: u8 = 125;
+
+/// `otter-agent inhibit`.
+fn run_inhibit(config_path: &Path, arguments: InhibitArguments) -> ExitCode {
+    // Only the socket path is needed: the files the agent reads at start-up
+    // need not be readable by the program taking the inhibitor.
+    let socket = match read_inhibit_socket(config_path) {
+        Ok(socket) => socket,
+        Err(error) => {
+            eprintln!("otter-agent: {error:#}");
+            return ExitCode::from(CONFIG_ERROR);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("otter-agent: cannot start the runtime: {error}");
+            return ExitCode::from(INHIBIT_FAILED);
+        }
+    };
+    runtime.block_on(inhibit(&socket, arguments))
+}
+
+fn read_inhibit_socket(config_path: &Path) -> anyhow::Result<PathBuf> {
+    use anyhow::Context as _;
+    let text = std::fs::read_to_string(config_path)
+        .with_context(|| format!("cannot read {}", config_path.display()))?;
+    let base = match config_path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    let config = AgentConfig::from_toml_str(&text, &base)
+        .with_context(|| format!("invalid {}", config_path.display()))?;
+    Ok(config.inhibit_socket)
+}
+
+async fn inhibit(socket: &Path, arguments: InhibitArguments) -> ExitCode {
+    use otter_agent::inhibit::InhibitClient;
+    let mut client = match InhibitClient::connect(socket).await {
+        Ok(client) => client,
+        Err(error) => {
+            eprintln!("otter-agent: is the agent running? {error}");
+            return ExitCode::from(INHIBIT_FAILED);
+        }
+    };
+    if arguments.list {
+        return match client.list().await {
+            Ok(inhibitors) => {
+                for inhibitor in inhibitors {
+                    println!(
+                        "{}\t{}s\t{}",
+                        inhibitor.name, inhibitor.ttl_seconds, inhibitor.reason
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("otter-agent: {error}");
+                ExitCode::from(INHIBIT_FAILED)
+            }
+        };
+    }
+    let Some((program, program_arguments)) = arguments.command.split_first() else {
+        eprintln!("otter-agent: no command given after --");
+        return ExitCode::from(INHIBIT_FAILED);
+    };
+    let ttl = match humantime::parse_duration(&arguments.ttl) {
+        Ok(ttl) if ttl.as_secs() > 0 => ttl,
+        _ => {
+            eprintln!("otter-agent: invalid --ttl {:?}", arguments.ttl);
+            return ExitCode::from(INHIBIT_FAILED);
+        }
+    };
+    let name = arguments.name.unwrap_or_else(|| {
+        let base = Path::new(program)
+            .file_name()
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let base: String = base
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+            .take(40)
+            .collect();
+        format!("{base}-{}", std::process::id())
+    });
+    let reason = arguments.reason.unwrap_or_default();
+    if let Err(error) = client.take(&name, &reason, ttl).await {
+        eprintln!("otter-agent: cannot take inhibitor {name:?}: {error}");
+        return ExitCode::from(INHIBIT_FAILED);
+    }
+    let spawned = tokio::process::Command::new(program)
+        .args(program_arguments)
+        .spawn();
+    let mut child = match spawned {
+        Ok(child) => child,
+        Err(error) => {
+            eprintln!("otter-agent: cannot run {program:?}: {error}");
+            return ExitCode::from(if error.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                126
+            });
+        }
+    };
+    // A Ctrl-C reaches the command too (same process group): wait for it to
+    // end rather than dropping the inhibitor while it is still running.
+    let mut agent_gone = false;
+    let mut signals_usable = true;
+    let expiry = tokio::time::sleep(ttl);
+    tokio::pin!(expiry);
+    let mut expired = false;
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            () = &mut expiry, if !expired => {
+                expired = true;
+                eprintln!("otter-agent: inhibitor {name:?} expired (--ttl); the agent may install now");
+            }
+            handled = tokio::signal::ctrl_c(), if signals_usable => {
+                signals_usable = handled.is_ok();
+            }
+            () = client.closed(), if !agent_gone => {
+                agent_gone = true;
+                eprintln!("otter-agent: the agent closed the connection; the inhibitor is gone");
+            }
+        }
+    };
+    // Closing the connection releases the inhibitor.
+    drop(client);
+    match status {
+        Ok(status) => ExitCode::from(exit_code(status)),
+        Err(error) => {
+            eprintln!("otter-agent: waiting for {program:?}: {error}");
+            ExitCode::from(INHIBIT_FAILED)
+        }
+    }
+}
+
+/// The shell's convention: the exit code, or 128 + the signal.
+fn exit_code(status: std::process::ExitStatus) -> u8 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::ExitStatusExt as _;
+        if let Some(signal) = status.signal() {
+            return u8::try_from(128 + signal).unwrap_or(255);
+        }
+    }
+    status
+        .code()
+        .and_then(|code| u8::try_from(code).ok())
+        .unwrap_or(1)
+}
+
+/// How long a new worker waits for the previous one (a worker outliving a
+/// killed supervisor notices within a few seconds) to free the inhibitor
+/// socket before it gives up.
+const INHIBIT_SOCKET_PATIENCE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Starts the inhibitor socket, waiting while another agent still answers
+/// on it (the previous worker on its way out), at most
+/// [`INHIBIT_SOCKET_PATIENCE`].
+async fn start_inhibit_server(
+    path: &std::path::Path,
+    inhibitors: otter_agent::inhibit::Inhibitors,
+) -> Result<otter_agent::inhibit::InhibitServer, otter_agent::inhibit::InhibitError> {
+    let deadline = tokio::time::Instant::now() + INHIBIT_SOCKET_PATIENCE;
+    let mut logged = false;
+    loop {
+        match otter_agent::inhibit::InhibitServer::start(path, inhibitors.clone()) {
+            Err(otter_agent::inhibit::InhibitError::InUse(_))
+                if tokio::time::Instant::now() < deadline =>
+            {
+                if !logged {
+                    tracing::warn!(socket = %path.display(), "another agent still answers on the inhibitor socket; waiting for it to exit");
+                    logged = true;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
 /// The agent proper; loops while configuration packages ask for a restart.
 fn run_worker(config_path: &Path, mut config: AgentConfig) -> ExitCode {
     let executable = match std::env::current_exe() {
@@ -178,13 +398,27 @@ fn run_worker(config_path: &Path, mut config: AgentConfig) -> ExitCode {
         }
     };
     let supervisor_gone = watch_stdin();
-    loop {
+    // One inhibitor socket for the whole process: inhibitors outlive a
+    // restart with a new configuration.
+    let inhibitors = otter_agent::inhibit::Inhibitors::new();
+    let started = runtime.block_on(start_inhibit_server(
+        &config.inhibit_socket,
+        inhibitors.clone(),
+    ));
+    let inhibit_server = match started {
+        Ok(server) => server,
+        Err(error) => {
+            eprintln!("otter-agent: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let exit = loop {
         config.self_update.executable = executable.clone();
         let shutdown = shutdown_signal(Some(supervisor_gone.clone()));
-        match runtime.block_on(otter_agent::run(config, shutdown)) {
-            Ok(RunOutcome::Stopped) => return ExitCode::SUCCESS,
+        match runtime.block_on(otter_agent::run_inhibited(config, &inhibitors, shutdown)) {
+            Ok(RunOutcome::Stopped) => break ExitCode::SUCCESS,
             Ok(RunOutcome::SelfUpdateStaged) => {
-                return ExitCode::from(otter_agent::self_update::STAGED_EXIT_CODE);
+                break ExitCode::from(otter_agent::self_update::STAGED_EXIT_CODE);
             }
             Ok(RunOutcome::Restart) => {
                 tracing::info!("restarting the agent with its new configuration");
@@ -192,16 +426,18 @@ fn run_worker(config_path: &Path, mut config: AgentConfig) -> ExitCode {
                     Ok(config) => config,
                     Err(error) => {
                         eprintln!("otter-agent: {error}");
-                        return ExitCode::from(CONFIG_ERROR);
+                        break ExitCode::from(CONFIG_ERROR);
                     }
                 };
             }
             Err(error) => {
                 eprintln!("otter-agent: {error:#}");
-                return ExitCode::FAILURE;
+                break ExitCode::FAILURE;
             }
         }
-    }
+    };
+    runtime.block_on(inhibit_server.stop());
+    exit
 }
 
 /// The supervisor; re-executes itself after a confirmed self-update.

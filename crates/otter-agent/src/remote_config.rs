@@ -3,7 +3,8 @@
 //! A package of kind `config` named [`AGENT_CONFIG_PACKAGE`] carries a TOML
 //! document with the part of `agent.toml` that may change remotely: the
 //! top-level `mode`, `poll_interval` and `reconcile_interval`, and the
-//! sections `[safe_state]`, `[install]` (not `target_dir`), `[download]` and
+//! sections `[safe_state]`, `[install]` (not `target_dir`, nor the
+//! `kinds` and `packages` overrides, which hold paths), `[download]` and
 //! `[self_update]`. Identity, keys, URLs and paths stay in the device's own
 //! file: a package naming them is refused ([`RemoteConfigError::Forbidden`]).
 //!
@@ -58,7 +59,11 @@ const FORBIDDEN_KEYS: &[&str] = &[
     "trusted_roots",
     "state_dir",
     "landing_zone",
+    "inhibit_socket",
     "install.target_dir",
+    // Overrides hold target folders of their own.
+    "install.kinds",
+    "install.packages",
 ];
 
 /// Why a configuration package is refused or cannot be applied.

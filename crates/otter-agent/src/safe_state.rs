@@ -3,7 +3,10 @@
 //! A [`SafeStateProbe`] answers "is it safe now?". [`CommandProbe`] runs the
 //! configured argv (exit status 0 = safe); [`AlwaysSafe`] stands for an empty
 //! command. [`wait_for_safe_state`] asks again with exponential backoff until
-//! the answer is yes or the deadline passes.
+//! the answer is yes or the deadline passes. A probe may say why it is not
+//! safe ([`SafeStateProbe::check`]); the agent's inhibitors
+//! ([`crate::inhibit::InhibitorGate`]) do, and the wait logs the reason each
+//! time it changes.
 //!
 //! The deadline counts from the start of the wait in this run of the agent:
 //! a restart starts a new wait (the job stage is persisted, its timing is
@@ -34,11 +37,31 @@ pub enum SafeStateError {
     Cancelled,
 }
 
+/// A probe's answer with its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Safety {
+    Safe,
+    /// Not yet, and why.
+    NotSafe(String),
+}
+
 /// Answers whether the device is in a safe state to install right now.
 pub trait SafeStateProbe: Send + Sync {
     /// `Ok(true)` when safe; `Ok(false)` when not yet; `Err` when the probe
     /// itself is broken (the wait stops: waiting would not fix it).
     fn is_safe(&self) -> BoxFuture<'_, Result<bool, SafeStateError>>;
+
+    /// Like [`SafeStateProbe::is_safe`], with the reason when not safe. The
+    /// default asks `is_safe` and gives a generic reason.
+    fn check(&self) -> BoxFuture<'_, Result<Safety, SafeStateError>> {
+        Box::pin(async move {
+            Ok(if self.is_safe().await? {
+                Safety::Safe
+            } else {
+                Safety::NotSafe("the safe-state probe says not safe".into())
+            })
+        })
+    }
 }
 
 /// The probe of an empty `safe_state.command`.
@@ -127,13 +150,19 @@ pub async fn wait_for_safe_state(
 ) -> Result<(), SafeStateError> {
     let deadline = tokio::time::Instant::now() + policy.deadline;
     let mut backoff = Backoff::new(policy.initial_backoff, policy.max_backoff);
+    let mut last_reason = None;
     loop {
         let answer = tokio::select! {
-            answer = probe.is_safe() => answer?,
+            answer = probe.check() => answer?,
             () = cancel.cancelled() => return Err(SafeStateError::Cancelled),
         };
-        if answer {
-            return Ok(());
+        let reason = match answer {
+            Safety::Safe => return Ok(()),
+            Safety::NotSafe(reason) => reason,
+        };
+        if last_reason.as_ref() != Some(&reason) {
+            tracing::info!(%reason, "waiting for safe state");
+            last_reason = Some(reason);
         }
         let now = tokio::time::Instant::now();
         if now >= deadline {
@@ -141,7 +170,7 @@ pub async fn wait_for_safe_state(
         }
         // Never sleep past the deadline: the last probe happens at it.
         let delay = backoff.next_delay().min(deadline - now);
-        tracing::info!(?delay, "device not in a safe state; waiting");
+        tracing::debug!(?delay, "device not in a safe state; waiting");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}
             () = cancel.cancelled() => return Err(SafeStateError::Cancelled),

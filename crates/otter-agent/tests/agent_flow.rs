@@ -557,3 +557,74 @@ async fn a_corrupt_job_file_starts_the_agent_idle() {
     assert!(state.join("job.json.corrupt").exists());
     assert!(!state.join("job.json").exists());
 }
+
+/// The agent's gate, counting how often the wait asked it.
+struct CountedGate {
+    inner: otter_agent::inhibit::InhibitorGate,
+    checks: AtomicUsize,
+}
+
+impl SafeStateProbe for CountedGate {
+    fn is_safe(&self) -> BoxFuture<'_, Result<bool, SafeStateError>> {
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        self.inner.is_safe()
+    }
+
+    fn check(&self) -> BoxFuture<'_, Result<otter_agent::safe_state::Safety, SafeStateError>> {
+        self.checks.fetch_add(1, Ordering::SeqCst);
+        self.inner.check()
+    }
+}
+
+/// Issue 7 item 4: an inhibitor taken over the agent's socket holds the
+/// install once the artifact is downloaded; when its holder's connection
+/// closes (the holder died) the install goes ahead.
+#[tokio::test]
+async fn an_inhibitor_held_over_the_socket_holds_the_install_until_its_holder_goes() {
+    use otter_agent::inhibit::{InhibitClient, InhibitServer, InhibitorGate, Inhibitors};
+
+    let fixture = Fixture::new();
+    let server = fixture.serve_artifact().await;
+    let socket_path = fixture.config().inhibit_socket;
+    assert_eq!(socket_path, fixture.root.join("state/inhibit.sock"));
+    let inhibitors = Inhibitors::new();
+    let socket = InhibitServer::start(&socket_path, inhibitors.clone()).unwrap();
+    let mut holder = InhibitClient::connect(&socket_path).await.unwrap();
+    holder
+        .take("motion", "robot in motion", Duration::from_secs(600))
+        .await
+        .unwrap();
+
+    let (mut handlers, installer) = handlers(&fixture, always_open());
+    let gate = Arc::new(CountedGate {
+        inner: InhibitorGate::new(inhibitors.clone(), handlers.safe_state.clone()),
+        checks: AtomicUsize::new(0),
+    });
+    handlers.safe_state = gate.clone();
+    let uplink = Arc::new(Recorder::default());
+    let running = fixture.run_agent(handlers, &uplink);
+    running
+        .update(fixture.notification("dep-1", &server.url("/a")))
+        .await;
+    uplink.wait_event("dep-1", DeviceEvent::Downloaded).await;
+    // Several rounds of the wait (10–50 ms apart) pass without an install.
+    wait_until("five safe-state checks", WAIT, || {
+        gate.checks.load(Ordering::SeqCst) >= 5
+    })
+    .await;
+    assert_eq!(
+        uplink.events("dep-1"),
+        vec![DeviceEvent::Received, DeviceEvent::Downloaded]
+    );
+    assert_eq!(installer.runs.load(Ordering::SeqCst), 0);
+    assert_eq!(fixture.persisted_job().unwrap().stage, Stage::Downloaded);
+
+    // The holder goes away: its inhibitor ends and the install proceeds.
+    drop(holder);
+    uplink.wait_event("dep-1", DeviceEvent::Installed).await;
+    running.stop().await;
+    assert_eq!(installer.runs.load(Ordering::SeqCst), 1);
+    assert!(std::fs::read(fixture.installed_file()).unwrap() == fixture.payload);
+    socket.stop().await;
+    assert!(!socket_path.exists());
+}

@@ -1,6 +1,6 @@
 //! Install handlers on real files and real processes: the file handler's
 //! atomic replace and kept previous version, the command handler's
-//! placeholders, failure with stderr, and timeout.
+//! placeholders, failure with stderr, and timeout; both handlers' rollback.
 
 use std::path::Path;
 use std::time::Duration;
@@ -164,4 +164,70 @@ async fn command_installer_missing_program_is_a_clear_error() {
         .await
         .unwrap_err();
     assert!(error.to_string().contains("otter-flash"), "{error}");
+}
+
+#[tokio::test]
+async fn file_installer_rolls_back_to_the_previous_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("installed");
+    let installer = FileInstaller::new(&target);
+    let first = dir.path().join("payload-1");
+    std::fs::write(&first, b"version one").unwrap();
+    installer.install(&request(&first, "1.0.0")).await.unwrap();
+    let second = dir.path().join("payload-2");
+    std::fs::write(&second, b"version two").unwrap();
+    installer.install(&request(&second, "2.0.0")).await.unwrap();
+
+    installer
+        .rollback(&request(&second, "2.0.0"))
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target.join("sensor-fw")).unwrap(),
+        b"version one"
+    );
+    assert_eq!(names(&target), vec!["sensor-fw"]);
+
+    // A first install rolled back leaves no file: the state before it.
+    let other = tempfile::tempdir().unwrap();
+    let installer = FileInstaller::new(other.path());
+    installer.install(&request(&first, "1.0.0")).await.unwrap();
+    installer.rollback(&request(&first, "1.0.0")).await.unwrap();
+    assert!(names(other.path()).is_empty());
+    // Twice is harmless.
+    installer.rollback(&request(&first, "1.0.0")).await.unwrap();
+}
+
+#[tokio::test]
+async fn command_installer_rolls_back_with_its_rollback_command_or_says_it_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let payload = dir.path().join("payload");
+    std::fs::write(&payload, b"x").unwrap();
+    let script = |word: &str| {
+        vec![
+            "sh".to_owned(),
+            "-c".to_owned(),
+            format!("echo {word} $0 $1 >> {}", log.display()),
+            "{name}".to_owned(),
+            "{version}".to_owned(),
+        ]
+    };
+    let installer = CommandInstaller::new(script("install"), Duration::from_secs(10))
+        .with_rollback(script("rollback"));
+    let request = request(&payload, "2.0.0");
+    installer.install(&request).await.unwrap();
+    installer.rollback(&request).await.unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        "install sensor-fw 2.0.0\nrollback sensor-fw 2.0.0\n"
+    );
+
+    let without = CommandInstaller::new(script("install"), Duration::from_secs(10));
+    let error = without.rollback(&request).await.unwrap_err();
+    assert!(
+        matches!(error, InstallError::NoRollback("command")),
+        "{error}"
+    );
+    assert_eq!(error.to_string(), "the command handler cannot roll back");
 }

@@ -28,6 +28,14 @@ pub enum Stage {
     /// installer again: handlers are atomic, so a repeated install is safe,
     /// while a skipped one would leave the device without the update.
     Installing,
+    /// The installer succeeded and the health check runs (or must run again
+    /// after a restart). The installed-version record still names the
+    /// previous version: it changes only once the check passes, and a
+    /// failed check rolls the install back.
+    HealthCheck,
+    /// The health check failed for `reason`; the installer's rollback runs
+    /// (again, after a restart: rollbacks are idempotent).
+    RollingBack { reason: String },
     /// Nothing more to do but make sure the server heard the outcome.
     Finished {
         event: DeviceEvent,
@@ -42,6 +50,10 @@ pub enum Action {
     Download,
     /// Wait for a safe state, then install.
     Install,
+    /// Run the health check of a completed install; roll back if it fails.
+    CheckHealth,
+    /// Roll the install back; then report `rolled-back`.
+    RollBack,
     /// Nothing left to do.
     Idle,
 }
@@ -83,6 +95,10 @@ pub struct Job {
 pub enum StepResult {
     Downloaded,
     InstallStarted,
+    /// The installer succeeded and a health check must confirm it.
+    InstallDone,
+    /// The health check failed: roll back.
+    HealthFailed(String),
     Installed,
     Failed(String),
     RolledBack(String),
@@ -143,6 +159,8 @@ impl Job {
         match self.stage {
             Stage::Received => Action::Download,
             Stage::Downloaded | Stage::Installing => Action::Install,
+            Stage::HealthCheck => Action::CheckHealth,
+            Stage::RollingBack { .. } => Action::RollBack,
             Stage::Finished { .. } => Action::Idle,
         }
     }
@@ -156,6 +174,11 @@ impl Job {
         let (stage, event, detail) = match result {
             StepResult::Downloaded => (Stage::Downloaded, DeviceEvent::Downloaded, None),
             StepResult::InstallStarted => (Stage::Installing, DeviceEvent::Installing, None),
+            // The server knows no phase between installing and the outcome.
+            StepResult::InstallDone => (Stage::HealthCheck, DeviceEvent::Installing, None),
+            StepResult::HealthFailed(reason) => {
+                (Stage::RollingBack { reason }, DeviceEvent::Installing, None)
+            }
             StepResult::Installed => finished(DeviceEvent::Installed, None),
             StepResult::Failed(reason) => finished(DeviceEvent::Failed, Some(reason)),
             StepResult::RolledBack(reason) => finished(DeviceEvent::RolledBack, Some(reason)),
@@ -169,7 +192,9 @@ impl Job {
         match &self.stage {
             Stage::Received => self.report(DeviceEvent::Received, None),
             Stage::Downloaded => self.report(DeviceEvent::Downloaded, None),
-            Stage::Installing => self.report(DeviceEvent::Installing, None),
+            Stage::Installing | Stage::HealthCheck | Stage::RollingBack { .. } => {
+                self.report(DeviceEvent::Installing, None)
+            }
             Stage::Finished { event, detail } => self.report(*event, detail.clone()),
         }
     }
@@ -221,7 +246,10 @@ pub fn decide(
         };
     }
     if let Some(job) = current
-        && matches!(job.stage, Stage::Installing)
+        && matches!(
+            job.stage,
+            Stage::Installing | Stage::HealthCheck | Stage::RollingBack { .. }
+        )
     {
         return Decision::Defer;
     }
@@ -329,6 +357,18 @@ mod tests {
                 Decision::Defer,
             ),
             (
+                Some(job("d0", Stage::HealthCheck)),
+                None,
+                "revB",
+                Decision::Defer,
+            ),
+            (
+                Some(job("d1", Stage::HealthCheck)),
+                None,
+                "revB",
+                Decision::Repeat(job("d1", Stage::Installing).last_report()),
+            ),
+            (
                 Some(job("d0", Stage::Downloaded)),
                 None,
                 "revB",
@@ -430,6 +470,45 @@ mod tests {
         assert!(j.is_finished());
         assert_eq!(j.next_action(), Action::Idle);
         assert_eq!(j.last_report(), r);
+    }
+
+    /// A health-checked install: `installing` is the last report until the
+    /// check decides between `installed` and `rolled-back`.
+    #[test]
+    fn health_check_stage() {
+        let mut j = job("d1", Stage::Installing);
+        let r = j.advance(StepResult::InstallDone);
+        assert_eq!(
+            (r.event, &j.stage),
+            (DeviceEvent::Installing, &Stage::HealthCheck)
+        );
+        assert_eq!(j.next_action(), Action::CheckHealth);
+        assert_eq!(j.last_report().event, DeviceEvent::Installing);
+        let text = serde_json::to_string(&j).unwrap();
+        assert!(text.contains(r#""stage":"health-check""#), "{text}");
+        assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), j);
+        let r = j.advance(StepResult::HealthFailed("exit 1".into()));
+        assert_eq!(r.event, DeviceEvent::Installing);
+        assert_eq!(j.next_action(), Action::RollBack);
+        let text = serde_json::to_string(&j).unwrap();
+        assert!(
+            text.contains(r#""stage":"rolling-back","reason":"exit 1""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Job>(&text).unwrap(), j);
+        assert_eq!(
+            decide(
+                Some(&j),
+                &notification("d2"),
+                &crate::manifest::tests::sample(),
+                None,
+                "revB"
+            ),
+            Decision::Defer
+        );
+        let r = j.advance(StepResult::RolledBack("health check failed".into()));
+        assert_eq!(r.event, DeviceEvent::RolledBack);
+        assert_eq!(j.next_action(), Action::Idle);
     }
 
     #[test]

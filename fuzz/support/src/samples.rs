@@ -243,7 +243,7 @@ pub fn error_body() -> ErrorBody {
 }
 
 /// `job.json` contents: a link job just received, a push job installing,
-/// and a finished, failed one.
+/// jobs in the health check and rolling back, and a finished, failed one.
 pub fn jobs() -> Vec<Job> {
     vec![
         Job {
@@ -258,6 +258,18 @@ pub fn jobs() -> Vec<Job> {
             },
             delivery: Delivery::Push { chunk_size: 65536 },
             stage: Stage::Installing,
+        },
+        Job {
+            notification: notification(),
+            delivery: Delivery::Link,
+            stage: Stage::HealthCheck,
+        },
+        Job {
+            notification: notification(),
+            delivery: Delivery::Link,
+            stage: Stage::RollingBack {
+                reason: "health check failed: exit 1".into(),
+            },
         },
         Job {
             notification: notification(),

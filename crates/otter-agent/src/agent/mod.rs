@@ -13,9 +13,18 @@
 //! reports `received`; a fetch worker downloads, verifies and unpacks into
 //! the landing zone (`downloaded`); a safe-state worker waits for the probe;
 //! the loop persists `Installing` and reports `installing`; an install worker
-//! runs the handler; the loop records the version in `installed.json`, then
+//! runs the handler (picked per package: name override, kind override,
+//! `[install]`); the loop records the version in `installed.json`, then
 //! the finished job, clears the landing zone, reports `installed`, and
 //! registers again so the server sees the new installed versions.
+//!
+//! With `[health]` configured, a successful install first persists
+//! `HealthCheck` and a worker runs the health command until it passes or
+//! its deadline ends; only a pass records the version. A failure persists
+//! `RollingBack` with the reason, a worker runs the installer's rollback,
+//! and the job finishes `rolled-back` (`installed.json` never named the new
+//! version). Both stages resume after a restart: the check runs again, the
+//! rollback runs again (rollbacks are idempotent); neither reinstalls.
 //! Any failure finishes the job with `failed` and its reason. The data key
 //! travels wrapped to this device's encryption key (`otter_package::wrap`,
 //! key file `encryption_key`, made at first start); it is unwrapped before
@@ -62,6 +71,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::AgentConfig;
 use crate::download::{DownloadPolicy, Downloader};
+use crate::inhibit::{InhibitServer, InhibitorGate, Inhibitors};
 use crate::install::{InstallRequest, Installer, installer_for};
 use crate::landing_zone::LandingZone;
 use crate::mqtt::{MqttEvent, MqttSession, Uplink};
@@ -102,13 +112,34 @@ pub enum RunOutcome {
 /// unusable state folder, a mode this agent does not implement) and failures
 /// to persist state; everything the network or a package does wrong is
 /// reported to the server and logged instead.
+///
+/// The inhibitor socket (`inhibit_socket`) is served for as long as this
+/// runs; [`run_inhibited`] keeps it across runs.
 pub async fn run(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<RunOutcome> {
+    let inhibitors = Inhibitors::new();
+    let server = InhibitServer::start(&config.inhibit_socket, inhibitors.clone())
+        .context("starting the inhibitor socket")?;
+    let result = run_inhibited(config, &inhibitors, shutdown).await;
+    server.stop().await;
+    result
+}
+
+/// Like [`run`], with `inhibitors` served by the caller: `otter-agent
+/// --worker` starts one [`InhibitServer`] per process, so inhibitors outlive
+/// a restart with a new configuration. The configured safe-state probe is
+/// asked only while no inhibitor is held ([`InhibitorGate`]).
+pub async fn run_inhibited(
+    config: AgentConfig,
+    inhibitors: &Inhibitors,
+    shutdown: impl Future<Output = ()> + Send,
+) -> anyhow::Result<RunOutcome> {
     let tls = DeviceTls::load(&config.ca, &config.certificate, &config.private_key)
         .context("loading the device TLS identity")?;
-    let handlers = Handlers::from_config(&config);
+    let mut handlers = Handlers::from_config(&config);
+    handlers.safe_state = Arc::new(InhibitorGate::new(inhibitors.clone(), handlers.safe_state));
     run_with_handlers(config, tls, handlers, shutdown).await
 }
 
@@ -205,7 +236,7 @@ impl Handlers {
     /// The installer and probe `config` names.
     pub fn from_config(config: &AgentConfig) -> Handlers {
         Handlers {
-            installer: Arc::from(installer_for(&config.install)),
+            installer: Arc::from(installer_for(&config.install.default)),
             safe_state: Arc::from(probe_for(&config.safe_state.command)),
         }
     }
@@ -226,6 +257,10 @@ pub struct Agent {
     landing_zone: LandingZone,
     downloader: Downloader,
     handlers: Handlers,
+    /// Per kind and per name installers, beside `handlers.installer`.
+    overrides: InstallerOverrides,
+    /// The check after an install (configured handlers only); `None`: none.
+    health: Option<crate::config::HealthConfig>,
     safe_state_policy: SafeStatePolicy,
     job: Option<Job>,
     installed: InstalledVersions,
@@ -243,6 +278,38 @@ pub struct Agent {
     outcome: Option<RunOutcome>,
 }
 
+/// The installers of `[install.kinds.*]` and `[install.packages.*]`; a
+/// package without an override goes to `Handlers::installer`.
+#[derive(Clone, Default)]
+struct InstallerOverrides {
+    kinds: std::collections::BTreeMap<String, Arc<dyn Installer>>,
+    packages: std::collections::BTreeMap<String, Arc<dyn Installer>>,
+}
+
+impl InstallerOverrides {
+    fn from_config(config: &crate::config::InstallConfig) -> Self {
+        use crate::config::HandlerConfig;
+        let build = |handlers: &std::collections::BTreeMap<String, HandlerConfig>| {
+            handlers
+                .iter()
+                .map(|(key, handler)| (key.clone(), Arc::from(installer_for(handler))))
+                .collect()
+        };
+        InstallerOverrides {
+            kinds: build(&config.kinds),
+            packages: build(&config.packages),
+        }
+    }
+
+    /// A name override first, then a kind override.
+    fn for_package(&self, manifest: &Manifest) -> Option<Arc<dyn Installer>> {
+        self.packages
+            .get(&manifest.name)
+            .or_else(|| self.kinds.get(manifest.kind.as_str()))
+            .cloned()
+    }
+}
+
 /// The task doing the slow part of the current job's step.
 struct Worker {
     deployment_id: String,
@@ -258,6 +325,8 @@ enum WorkKind {
     Fetch,
     AwaitSafeState,
     Install,
+    HealthCheck,
+    RollBack,
 }
 
 #[derive(Debug)]
@@ -266,6 +335,10 @@ enum WorkOutcome {
     Failed(String),
     /// Stopped by shutdown or a replacing job; the stage stays as it was.
     Cancelled,
+    /// The health check failed for this reason: roll back.
+    Unhealthy(String),
+    /// Rolled back after a failed health check; the reason to report.
+    RolledBack(String),
 }
 
 impl Agent {
@@ -315,6 +388,8 @@ impl Agent {
             landing_zone: LandingZone::new(&config.landing_zone),
             downloader,
             handlers,
+            overrides: InstallerOverrides::from_config(&config.install),
+            health: config.health.clone(),
             safe_state_policy: SafeStatePolicy {
                 initial_backoff: config.safe_state.initial_backoff,
                 max_backoff: config.safe_state.max_backoff,
@@ -347,11 +422,16 @@ impl Agent {
 
     /// What the agent announces on every connection.
     pub fn registration(&self) -> Registration {
-        let mut capabilities = vec![
-            self.handlers.installer.name().to_owned(),
-            "range-resume".to_owned(),
-            self.remote_config.name().to_owned(),
-        ];
+        let mut capabilities = vec![self.handlers.installer.name().to_owned()];
+        let overrides = self.overrides.kinds.values();
+        for installer in overrides.chain(self.overrides.packages.values()) {
+            let name = installer.name().to_owned();
+            if !capabilities.contains(&name) {
+                capabilities.push(name);
+            }
+        }
+        capabilities.push("range-resume".to_owned());
+        capabilities.push(self.remote_config.name().to_owned());
         if self.supervised {
             capabilities.push(self.self_update.name().to_owned());
         }
@@ -656,6 +736,19 @@ impl Agent {
                 return self.complete_install(&manifest, uplink).await;
             }
             (Action::Install, _) => self.spawn_safe_state_wait(&job),
+            (Action::CheckHealth, _)
+                if self.installed.get(&manifest.name) == Some(&manifest.version) =>
+            {
+                // The check passed and the version was recorded before a
+                // crash; checking again could only roll back a version
+                // installed.json already names.
+                return self.complete_install(&manifest, uplink).await;
+            }
+            (Action::CheckHealth, _) => self.spawn_health_check(&job, &manifest),
+            (Action::RollBack, Stage::RollingBack { reason }) => {
+                self.spawn_rollback(&job, &manifest, reason.clone())
+            }
+            (Action::RollBack, _) => {}
             (Action::Idle, _) => {}
         }
         Ok(())
@@ -713,11 +806,32 @@ impl Agent {
                             self.outcome = Some(RunOutcome::Restart);
                             Ok(())
                         }
+                        Ok(manifest) if self.is_health_checked(&manifest) => {
+                            // Persisted before the check runs: a restart
+                            // checks again rather than installing again.
+                            self.advance_quietly(StepResult::InstallDone).await?;
+                            self.spawn_health_check(&job, &manifest);
+                            Ok(())
+                        }
                         Ok(manifest) => self.complete_install(&manifest, uplink).await,
                         Err(reason) => self.finish(StepResult::Failed(reason), uplink).await,
                     }
                 }
+                WorkKind::HealthCheck => match self.job_manifest(&job) {
+                    Ok(manifest) => self.complete_install(&manifest, uplink).await,
+                    Err(reason) => self.finish(StepResult::Failed(reason), uplink).await,
+                },
+                // A rollback worker ends with `RolledBack` or `Failed`.
+                WorkKind::RollBack => Ok(()),
             },
+            WorkOutcome::Unhealthy(reason) => {
+                let failed = StepResult::HealthFailed(reason);
+                self.advance_quietly(failed).await?;
+                self.schedule(uplink).await
+            }
+            WorkOutcome::RolledBack(reason) => {
+                self.finish(StepResult::RolledBack(reason), uplink).await
+            }
         }
     }
 
@@ -765,6 +879,23 @@ impl Agent {
         Ok(())
     }
 
+    /// Moves the job on and persists it without a report: for stages the
+    /// server does not know (the health check and the rollback happen while
+    /// it shows `installing`).
+    async fn advance_quietly(&mut self, result: StepResult) -> anyhow::Result<()> {
+        if let Some(job) = self.job.as_mut() {
+            job.advance(result);
+        }
+        self.persist_job().await
+    }
+
+    /// Whether an install of this package is confirmed by the health check:
+    /// when one is configured, for the configured handlers (not the agent's
+    /// own configuration or executable, which have their own checks).
+    fn is_health_checked(&self, manifest: &Manifest) -> bool {
+        self.health.is_some() && !is_agent_config(manifest) && manifest.kind != PackageKind::Agent
+    }
+
     /// Moves the job on, persists it, then reports the new stage.
     async fn advance(&mut self, result: StepResult, uplink: &dyn Uplink) -> anyhow::Result<()> {
         let Some(job) = self.job.as_mut() else {
@@ -797,7 +928,9 @@ impl Agent {
         } else if manifest.kind == PackageKind::Agent {
             self.self_update.clone()
         } else {
-            self.handlers.installer.clone()
+            self.overrides
+                .for_package(manifest)
+                .unwrap_or_else(|| self.handlers.installer.clone())
         }
     }
 

@@ -1,6 +1,6 @@
 //! The agent's worker tasks: the slow part of each step (fetch, safe-state
-//! wait, install) runs in its own task and hands back a `WorkOutcome`; the
-//! loop in `mod.rs` owns all state and persists it.
+//! wait, install, health check, rollback) runs in its own task and hands
+//! back a `WorkOutcome`; the loop in `mod.rs` owns all state and persists it.
 
 use super::*;
 
@@ -96,21 +96,28 @@ impl Agent {
         });
     }
 
-    /// Starts the installer; `Err` when the payload path cannot be formed.
-    pub(super) fn spawn_install(&mut self, job: &Job, manifest: &Manifest) -> Result<(), String> {
+    /// What the installer, the health check and the rollback of `job` get;
+    /// `Err` when the payload path cannot be formed.
+    fn install_request(&self, job: &Job, manifest: &Manifest) -> Result<InstallRequest, String> {
         let deployment_id = job.notification.deployment_id.clone();
         let payload = self
             .landing_zone
             .files(&deployment_id)
             .map_err(|e| e.to_string())?
             .payload;
-        let request = InstallRequest {
-            deployment_id: deployment_id.clone(),
+        Ok(InstallRequest {
+            deployment_id,
             name: manifest.name.clone(),
             version: manifest.version.clone(),
             kind: manifest.kind,
             payload,
-        };
+        })
+    }
+
+    /// Starts the installer; `Err` when the payload path cannot be formed.
+    pub(super) fn spawn_install(&mut self, job: &Job, manifest: &Manifest) -> Result<(), String> {
+        let request = self.install_request(job, manifest)?;
+        let deployment_id = request.deployment_id.clone();
         let installer = self.installer_for(manifest);
         let cancel = CancellationToken::new();
         let task_cancel = cancel.clone();
@@ -133,6 +140,77 @@ impl Agent {
             handle,
         });
         Ok(())
+    }
+}
+
+impl Agent {
+    /// Starts the health check of the install of `job` (stage
+    /// `HealthCheck`, persisted).
+    pub(super) fn spawn_health_check(&mut self, job: &Job, manifest: &Manifest) {
+        let deployment_id = job.notification.deployment_id.clone();
+        let cancel = CancellationToken::new();
+        let task_cancel = cancel.clone();
+        let health = self.health.clone();
+        let request = self.install_request(job, manifest);
+        tracing::info!(release = %manifest.release_id(), "checking the health of the install");
+        let handle = tokio::spawn(async move {
+            let (Some(health), Ok(request)) = (health, request) else {
+                // Configured when the install ran, gone after a restart
+                // with another configuration: nothing is left to check.
+                return WorkOutcome::Done;
+            };
+            match crate::health::check_health(&health, &request, &task_cancel).await {
+                Ok(()) => WorkOutcome::Done,
+                Err(crate::health::HealthError::Cancelled) => WorkOutcome::Cancelled,
+                Err(error) => WorkOutcome::Unhealthy(error.to_string()),
+            }
+        });
+        self.worker = Some(Worker {
+            deployment_id,
+            kind: WorkKind::HealthCheck,
+            cancel,
+            link: None,
+            handle,
+        });
+    }
+
+    /// Starts the rollback of the install of `job` (stage `RollingBack`,
+    /// persisted), which failed its health check for `reason`.
+    pub(super) fn spawn_rollback(&mut self, job: &Job, manifest: &Manifest, reason: String) {
+        let deployment_id = job.notification.deployment_id.clone();
+        let cancel = CancellationToken::new();
+        let task_cancel = cancel.clone();
+        let installer = self.installer_for(manifest);
+        let request = self.install_request(job, manifest);
+        // installed.json still names the version the install replaced.
+        let previous = match self.installed.get(&manifest.name) {
+            Some(version) => format!("rolled back to {version}"),
+            None => "rolled back (no earlier version)".to_owned(),
+        };
+        tracing::warn!(release = %manifest.release_id(), %reason, "rolling back");
+        let handle = tokio::spawn(async move {
+            let request = match request {
+                Ok(request) => request,
+                Err(error) => {
+                    return WorkOutcome::Failed(format!("{reason}; rollback failed: {error}"));
+                }
+            };
+            tokio::select! {
+                result = installer.rollback(&request) => match result {
+                    Ok(()) => WorkOutcome::RolledBack(format!("{reason}; {previous}")),
+                    Err(error) => WorkOutcome::Failed(format!("{reason}; rollback failed: {error}")),
+                },
+                // Stage RollingBack is persisted: the next start rolls back again.
+                () = task_cancel.cancelled() => WorkOutcome::Cancelled,
+            }
+        });
+        self.worker = Some(Worker {
+            deployment_id,
+            kind: WorkKind::RollBack,
+            cancel,
+            link: None,
+            handle,
+        });
     }
 }
 
