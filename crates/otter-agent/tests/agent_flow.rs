@@ -9,7 +9,7 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use futures_util::future::BoxFuture;
 use otter_agent::install::FileInstaller;
@@ -18,9 +18,10 @@ use otter_agent::safe_state::{SafeStateError, SafeStateProbe};
 use otter_agent::{Agent, AgentConfig, Handlers};
 use otter_proto::job::{Job, Stage};
 use otter_proto::manifest::{PackageKind, SignedManifest};
-use otter_proto::messages::{DeviceEvent, ServerMessage, UpdateNotification};
-use support::{Answer, Counting, Pki, Recorder, TestServer, pseudo_random_bytes, wait_until};
-use tokio::sync::{mpsc, oneshot};
+use otter_proto::messages::{DeviceEvent, UpdateNotification};
+use support::{
+    Answer, Counting, Pki, Recorder, Running, TestServer, pseudo_random_bytes, unix_now, wait_until,
+};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -175,59 +176,6 @@ fn build(
         header.data_key.to_base64(),
         reader.to_vec(),
     )
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
-/// A running agent loop and the handles to drive it.
-struct Running {
-    events: mpsc::Sender<MqttEvent>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<otter_agent::RunOutcome>>,
-}
-
-impl Running {
-    fn start(agent: Agent, uplink: Arc<Recorder>) -> Running {
-        let (events, receiver) = mpsc::channel(16);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            agent
-                .run(receiver, uplink.as_ref(), async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        Running {
-            events,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn send(&self, event: MqttEvent) {
-        self.events.send(event).await.unwrap();
-    }
-
-    async fn update(&self, notification: UpdateNotification) {
-        self.send(MqttEvent::Message(ServerMessage::Update(notification)))
-            .await;
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("agent stops")
-            .unwrap()
-            .unwrap();
-    }
 }
 
 fn always_open() -> Arc<Gate> {

@@ -9,15 +9,13 @@ mod support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use otter_agent::mqtt::MqttEvent;
 use otter_agent::{Agent, AgentConfig};
 use otter_proto::job::{Job, Stage};
 use otter_proto::manifest::{PackageKind, SignedManifest};
-use otter_proto::messages::{DeviceEvent, ServerMessage, UpdateNotification};
-use support::{Answer, Pki, Recorder, TestServer, wait_until};
-use tokio::sync::{mpsc, oneshot};
+use otter_proto::messages::{DeviceEvent, UpdateNotification};
+use support::{Answer, Pki, Recorder, Running, TestServer, unix_now, wait_until};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -177,62 +175,12 @@ fn app_tar(version: &str, healthy: &str) -> Vec<u8> {
     builder.into_inner().unwrap()
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 async fn serve(pki: &Pki, release: &Release) -> TestServer {
     TestServer::start(pki, release.artifact.clone(), |_, _| Answer::Body {
         honour_range: true,
         cut_after: None,
     })
     .await
-}
-
-struct Running {
-    events: mpsc::Sender<MqttEvent>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<otter_agent::RunOutcome>>,
-}
-
-impl Running {
-    fn start(agent: Agent, uplink: Arc<Recorder>) -> Running {
-        let (events, receiver) = mpsc::channel(16);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            agent
-                .run(receiver, uplink.as_ref(), async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        Running {
-            events,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn update(&self, notification: UpdateNotification) {
-        self.events
-            .send(MqttEvent::Message(ServerMessage::Update(notification)))
-            .await
-            .unwrap();
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("agent stops")
-            .unwrap()
-            .unwrap();
-    }
 }
 
 #[tokio::test]

@@ -16,19 +16,16 @@ mod support;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use otter_agent::install::FileInstaller;
-use otter_agent::mqtt::MqttEvent;
 use otter_agent::state::StateStore;
 use otter_agent::{Agent, AgentConfig, Handlers};
 use otter_proto::job::Stage;
 use otter_proto::manifest::{Manifest, PackageKind, SignedManifest};
-use otter_proto::messages::{DeviceEvent, ServerMessage, UpdateNotification};
-use support::{AlwaysSafe, Answer, Counting, Pki, Recorder, TestServer, pseudo_random_bytes};
-use tokio::sync::{mpsc, oneshot};
-
-const WAIT: Duration = Duration::from_secs(30);
+use otter_proto::messages::{DeviceEvent, UpdateNotification};
+use support::{
+    AlwaysSafe, Answer, Counting, Pki, Recorder, Running, TestServer, pseudo_random_bytes, unix_now,
+};
 
 // --- harness ----------------------------------------------------------------
 
@@ -218,63 +215,12 @@ fn notification_wrapped(
     }
 }
 
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
-}
-
 async fn serve(pki: &Pki, artifact: Vec<u8>) -> TestServer {
     TestServer::start(pki, artifact, |_, _| Answer::Body {
         honour_range: true,
         cut_after: None,
     })
     .await
-}
-
-/// A running agent loop and the handles to drive it.
-struct Running {
-    events: mpsc::Sender<MqttEvent>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<otter_agent::RunOutcome>>,
-}
-
-impl Running {
-    fn start(agent: Agent, uplink: Arc<Recorder>) -> Running {
-        let (events, receiver) = mpsc::channel(16);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            agent
-                .run(receiver, uplink.as_ref(), async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        Running {
-            events,
-            stop: Some(stop),
-            task,
-        }
-    }
-
-    async fn update(&self, notification: UpdateNotification) {
-        self.events
-            .send(MqttEvent::Message(ServerMessage::Update(notification)))
-            .await
-            .unwrap();
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("agent stops")
-            .unwrap()
-            .unwrap();
-    }
 }
 
 // --- tests --------------------------------------------------------------------

@@ -15,49 +15,19 @@ mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use ed25519_dalek::SigningKey;
 use otter_agent::install::FileInstaller;
-use otter_agent::mqtt::MqttEvent;
 use otter_agent::state::StateStore;
 use otter_agent::{Agent, AgentConfig, Handlers};
 use otter_package::keys::key_id;
 use otter_package::trust::{certify, revoke};
 use otter_proto::manifest::{Manifest, PackageKind, SignedManifest};
-use otter_proto::messages::{DeviceEvent, ServerMessage, UpdateNotification};
+use otter_proto::messages::{DeviceEvent, UpdateNotification};
 use otter_proto::trust::SignedRevocationList;
-use support::{AlwaysSafe, Answer, Counting, Pki, Recorder, TestServer};
-use tokio::sync::{mpsc, oneshot};
+use support::{AlwaysSafe, Answer, Counting, Pki, Recorder, Running, TestServer, unix_now};
 
-const WAIT: Duration = Duration::from_secs(30);
 const DAY: i64 = 86_400;
-
-struct Running {
-    events: mpsc::Sender<MqttEvent>,
-    stop: Option<oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<anyhow::Result<otter_agent::RunOutcome>>,
-}
-
-impl Running {
-    async fn update(&self, notification: UpdateNotification) {
-        self.events
-            .send(MqttEvent::Message(ServerMessage::Update(notification)))
-            .await
-            .unwrap();
-    }
-
-    async fn stop(mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("agent stops")
-            .unwrap()
-            .unwrap();
-    }
-}
 
 /// A device pinning one root key (no directly trusted signer).
 struct Device {
@@ -124,21 +94,7 @@ max_backoff = "50ms"
             safe_state: Arc::new(AlwaysSafe),
         };
         let agent = Agent::with_handlers(&config, &self.pki.device_tls(), handlers).unwrap();
-        let (events, receiver) = mpsc::channel(16);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let uplink = uplink.clone();
-        let task = tokio::spawn(async move {
-            agent
-                .run(receiver, uplink.as_ref(), async {
-                    let _ = stopped.await;
-                })
-                .await
-        });
-        Running {
-            events,
-            stop: Some(stop),
-            task,
-        }
+        Running::start(agent, uplink.clone())
     }
 
     /// Builds `sensor-fw@version` signed by `signer` with `certificate`
@@ -236,13 +192,6 @@ max_backoff = "50ms"
                 .sequence,
         )
     }
-}
-
-fn unix_now() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs() as i64
 }
 
 fn new_key() -> SigningKey {

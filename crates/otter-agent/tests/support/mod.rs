@@ -478,3 +478,58 @@ impl Recorder {
         (last.event, last.detail.unwrap_or_default())
     }
 }
+
+/// A running agent loop and the handles to drive it.
+pub struct Running {
+    pub events: tokio::sync::mpsc::Sender<otter_agent::mqtt::MqttEvent>,
+    pub stop: Option<tokio::sync::oneshot::Sender<()>>,
+    pub task: tokio::task::JoinHandle<anyhow::Result<otter_agent::RunOutcome>>,
+}
+
+impl Running {
+    pub fn start(agent: otter_agent::Agent, uplink: Arc<Recorder>) -> Running {
+        let (events, receiver) = tokio::sync::mpsc::channel(16);
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            agent
+                .run(receiver, uplink.as_ref(), async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        Running {
+            events,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    pub async fn send(&self, event: otter_agent::mqtt::MqttEvent) {
+        self.events.send(event).await.unwrap();
+    }
+
+    pub async fn update(&self, notification: otter_proto::messages::UpdateNotification) {
+        self.send(otter_agent::mqtt::MqttEvent::Message(
+            otter_proto::messages::ServerMessage::Update(notification),
+        ))
+        .await;
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        tokio::time::timeout(REPORT_WAIT, self.task)
+            .await
+            .expect("agent stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_secs() as i64)
+}
