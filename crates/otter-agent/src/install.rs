@@ -148,6 +148,22 @@ impl FileInstaller {
     }
 }
 
+/// Runs a blocking install step (`work(target_dir, request)`) on the
+/// blocking pool: file system work must not stall the agent's runtime.
+pub(crate) fn on_blocking_pool<'a>(
+    target_dir: &Path,
+    request: &InstallRequest,
+    work: fn(&Path, &InstallRequest) -> Result<(), InstallError>,
+) -> BoxFuture<'a, Result<(), InstallError>> {
+    let target_dir = target_dir.to_owned();
+    let request = request.clone();
+    Box::pin(async move {
+        tokio::task::spawn_blocking(move || work(&target_dir, &request))
+            .await
+            .map_err(|e| InstallError::Task(e.to_string()))?
+    })
+}
+
 impl Installer for FileInstaller {
     fn name(&self) -> &'static str {
         "file"
@@ -157,25 +173,15 @@ impl Installer for FileInstaller {
         &'a self,
         request: &'a InstallRequest,
     ) -> BoxFuture<'a, Result<(), InstallError>> {
-        let target_dir = self.target_dir.clone();
-        let request = request.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || install_file(&target_dir, &request))
-                .await
-                .map_err(|e| InstallError::Task(e.to_string()))?
-        })
+        on_blocking_pool(&self.target_dir, request, install_file)
     }
 
     fn rollback<'a>(
         &'a self,
         request: &'a InstallRequest,
     ) -> BoxFuture<'a, Result<(), InstallError>> {
-        let target_dir = self.target_dir.clone();
-        let name = request.name.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || rollback_file(&target_dir, &name))
-                .await
-                .map_err(|e| InstallError::Task(e.to_string()))?
+        on_blocking_pool(&self.target_dir, request, |dir, request| {
+            rollback_file(dir, &request.name)
         })
     }
 }

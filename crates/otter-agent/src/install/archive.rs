@@ -65,26 +65,14 @@ impl Installer for ArchiveInstaller {
         &'a self,
         request: &'a InstallRequest,
     ) -> BoxFuture<'a, Result<(), InstallError>> {
-        let target_dir = self.target_dir.clone();
-        let request = request.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || install_archive(&target_dir, &request))
-                .await
-                .map_err(|e| InstallError::Task(e.to_string()))?
-        })
+        super::on_blocking_pool(&self.target_dir, request, install_archive)
     }
 
     fn rollback<'a>(
         &'a self,
         request: &'a InstallRequest,
     ) -> BoxFuture<'a, Result<(), InstallError>> {
-        let target_dir = self.target_dir.clone();
-        let request = request.clone();
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || rollback_archive(&target_dir, &request))
-                .await
-                .map_err(|e| InstallError::Task(e.to_string()))?
-        })
+        super::on_blocking_pool(&self.target_dir, request, rollback_archive)
     }
 }
 
