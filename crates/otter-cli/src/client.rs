@@ -59,12 +59,7 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
-        let request = self
-            .http
-            .post(self.url(path))
-            .bearer_auth(&self.token)
-            .json(body);
-        self.send(request).await
+        self.send_json(reqwest::Method::POST, path, body).await
     }
 
     pub async fn put_json<B: Serialize, T: DeserializeOwned>(
@@ -72,9 +67,19 @@ impl ApiClient {
         path: &str,
         body: &B,
     ) -> anyhow::Result<T> {
+        self.send_json(reqwest::Method::PUT, path, body).await
+    }
+
+    /// Sends `body` as JSON with the operator token.
+    async fn send_json<B: Serialize, T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &B,
+    ) -> anyhow::Result<T> {
         let request = self
             .http
-            .put(self.url(path))
+            .request(method, self.url(path))
             .bearer_auth(&self.token)
             .json(body);
         self.send(request).await
