@@ -24,8 +24,7 @@
 //! device's CSR, whose key never leaves the device.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -663,29 +662,12 @@ fn write_public_file(path: &Path, contents: &[u8]) -> Result<(), PkiError> {
     write_file_atomically(path, contents, 0o644)
 }
 
-/// Writes through a temporary file and a rename, so a crash never leaves a
-/// truncated key or certificate behind. The temporary file is created with the
-/// final mode, so a key is never readable by others, not even briefly.
+/// Writes through a temporary file and a rename (`crate::files`), so a crash
+/// never leaves a truncated key or certificate behind. The temporary file is
+/// created with the final mode, so a key is never readable by others, not
+/// even briefly.
 fn write_file_atomically(path: &Path, contents: &[u8], mode: u32) -> Result<(), PkiError> {
-    let mut temporary_name = path.as_os_str().to_owned();
-    temporary_name.push(".tmp");
-    let temporary_path = PathBuf::from(temporary_name);
-    match fs::remove_file(&temporary_path) {
-        Ok(()) => {}
-        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => return Err(io_error(&temporary_path, source)),
-    }
-    let mut file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(mode)
-        .open(&temporary_path)
-        .map_err(|source| io_error(&temporary_path, source))?;
-    file.write_all(contents)
-        .and_then(|()| file.sync_all())
-        .map_err(|source| io_error(&temporary_path, source))?;
-    drop(file);
-    fs::rename(&temporary_path, path).map_err(|source| io_error(path, source))
+    crate::files::write_atomically(path, contents, mode).map_err(|source| io_error(path, source))
 }
 
 #[cfg(test)]
